@@ -1,0 +1,79 @@
+# llmfleet: the two commands of the README are `make lab` and `make test`.
+# Everything a fresh machine needs is installed from here: Debian packages for the lab, the
+# hash-locked control-node venv, the pinned artifacts (verified), the lab hosts.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12) $(shell command -v python3.12 2>/dev/null))
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export LLMFLEET_CACHE ?= $(HOME)/.cache/llmfleet
+export ANSIBLE_CONFIG := $(abspath ansible.cfg)
+export MOLECULE_GLOB := tests/molecule/*/molecule.yml
+INVENTORY ?= inventory/lab
+# Debian packages the control node needs for the lab (nspawn hosts, their network, debootstrap)
+HOST_PACKAGES := systemd-container debootstrap iptables iproute2 openssh-client
+
+.PHONY: help lab setup host-packages venv fetch lab-up lab-down deploy plan test lint unit molecule clean
+
+help:
+	@echo "make lab    set up this machine, fetch the pinned artifacts, boot the lab hosts and roll them out"
+	@echo "make test   lint, unit tests and the molecule scenario (full rollout on the lab hosts + checks)"
+	@echo "make plan   print the lab inventory's plan;  make lab-down   stop the lab hosts"
+
+## The README's first command: everything from a fresh machine to a verified lab fleet.
+lab: setup fetch lab-up deploy
+
+setup: host-packages venv
+
+host-packages:
+	@missing=(); for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing+=($$p); done; \
+	if [ $${#missing[@]} -gt 0 ]; then \
+	  echo "installing: $${missing[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${missing[@]}" >/dev/null; \
+	fi
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements/control.txt pyproject.toml
+	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (ansible-core 2.21 needs >= 3.12): install it or set PY312=/path/to/python3.12"; exit 1; }
+	$(PY312) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements/control.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+## Make the cache hold every resolved artifact of pins/lock.json, hash-verified.
+fetch: venv
+	$(BIN)/python tools/pin.py fetch
+
+lab-up: venv
+	$(BIN)/python tools/lab.py up -i $(INVENTORY)/hosts.yml
+
+lab-down: venv
+	$(BIN)/python tools/lab.py down -i $(INVENTORY)/hosts.yml
+
+deploy: venv
+	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
+
+plan: venv
+	$(BIN)/python tools/plan.py -i $(INVENTORY)
+
+## The README's second command (and .ci/run): lint, unit tests, the lab scenario.
+test: setup fetch lint unit molecule
+
+lint: venv
+	$(BIN)/ruff check tools tests plugins library bench
+	$(BIN)/mypy
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit
+
+molecule: venv
+	$(BIN)/molecule test -s lab
+
+clean:
+	rm -rf $(VENV) .lab .pytest_cache .mypy_cache .ruff_cache
