@@ -1,0 +1,260 @@
+"""A small aiohttp server on 127.0.0.1 that speaks the part of vLLM's API verify uses.
+
+``Behaviour`` picks how it misbehaves. Its toy tokenizer counts a BOS token plus, per
+whitespace-separated word, ``1 + len(word) // 5`` tokens, so prompt building must search.
+The server runs in its own thread and event loop, so tests (and subprocesses) can call it
+synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Behaviour:
+    model: str = "tiny-llama"
+    max_model_len: int = 2048
+    health: str = "ok"  # ok | 503 | hang
+    completions: str = "good"  # good | 500 | hang | cut | abort | malformed | no_usage | short | error_event
+    ttft_delay: float = 0.0
+    token_delay: float = 0.0
+    tokens_per_chunk: int = 1
+    api_key: str | None = None
+    num_gpu_blocks: int = 1024
+    block_size: int = 16
+    metrics: bool = True
+    bad_after: int = 0  # misbehave only from this (0-based) completion request on
+    refuse_over: int | None = None  # refuse prompts longer than this though /v1/models says more
+
+
+def toy_tokens(text: str) -> list[int]:
+    tokens = [1]  # BOS
+    for word in text.split():
+        tokens.extend(100 + (len(word) % 50) for _ in range(1 + len(word) // 5))
+    return tokens
+
+
+@dataclass
+class State:
+    generation_tokens: int = 0
+    prompt_tokens: int = 0
+    request_success: int = 0
+    ttft: list[float] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)  # of streamed completions
+    prompts: list[str] = field(default_factory=list)  # of streamed completions
+    completion_requests: int = 0
+    authorizations: list[str | None] = field(default_factory=list)
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class FakeVllm:
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.b = behaviour or Behaviour()
+        self.state = State()
+        self.app = web.Application()
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/version", self.version)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/tokenize", self.tokenize)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_get("/metrics", self.metrics)
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        self.state.authorizations.append(request.headers.get("Authorization"))
+        if self.b.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.b.api_key}":
+            return _error(401, "Unauthorized", "Unauthorized")
+        return None
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.b.health == "hang":
+            await asyncio.sleep(3600)
+        if self.b.health != "ok":
+            return web.Response(status=503, text="loading")
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.32.0-fake"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        if denied := self._denied(request):
+            return denied
+        entry = {"id": self.b.model, "object": "model", "owned_by": "vllm", "root": "/models/x", "max_model_len": self.b.max_model_len}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        tokens = toy_tokens(body["prompt"])
+        return web.json_response({"count": len(tokens), "max_model_len": self.b.max_model_len, "tokens": tokens})
+
+    def _chunk(self, text: str, finish: str | None) -> bytes:
+        obj = {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1700000000,
+            "model": self.b.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+        }
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if denied := self._denied(request):
+            return denied
+        body = await request.json()
+        index = self.state.completion_requests
+        self.state.completion_requests += 1
+        if body.get("model") != self.b.model:
+            return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        prompt_tokens = len(toy_tokens(body["prompt"]))
+        if prompt_tokens > min(self.b.max_model_len, self.b.refuse_over or self.b.max_model_len):
+            msg = f"This model's maximum context length is {self.b.max_model_len} tokens. However, you requested {prompt_tokens}."
+            return _error(400, msg, "BadRequestError")
+        want = int(body.get("max_tokens", 16))
+        n = min(want, self.b.max_model_len - prompt_tokens)
+        bad = self.b.completions if index >= self.b.bad_after else "good"
+        if bad == "short":
+            n = max(1, n // 2)
+        if bad == "500":
+            return _error(500, "EngineCore encountered an issue", "InternalServerError")
+        if not body.get("stream"):
+            await asyncio.sleep(self.b.ttft_delay)
+            self._count(prompt_tokens, n, self.b.ttft_delay)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            choice = {"index": 0, "text": " x" * n, "finish_reason": "length", "logprobs": None}
+            return web.json_response({"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage})
+
+        self.state.prompt_lengths.append(prompt_tokens)
+        self.state.prompts.append(body["prompt"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        t0 = time.perf_counter()
+        await asyncio.sleep(self.b.ttft_delay)
+        sent = 0
+        first = True
+        while sent < n:
+            k = min(self.b.tokens_per_chunk, n - sent)
+            sent += k
+            if first:
+                self.state.ttft.append(time.perf_counter() - t0)
+                first = False
+            await resp.write(self._chunk(" tok" * k, "length" if sent == n else None))
+            if sent >= 2 and bad in ("hang", "cut", "abort", "malformed", "error_event"):
+                break
+            if self.b.token_delay:
+                await asyncio.sleep(self.b.token_delay)
+        if bad == "hang":
+            await asyncio.sleep(3600)
+        if bad == "cut":
+            return resp  # a clean end of the chunked body, without usage or [DONE]
+        if bad == "abort":
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if bad == "malformed":
+            await resp.write(b'data: {"choices": [{"text": "x", \n\n')
+            return resp
+        if bad == "error_event":
+            await resp.write(b'data: {"error": {"message": "engine died", "code": 500}}\n\n')
+            return resp
+        if bad != "no_usage":
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            obj = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": self.b.model, "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        self._count(prompt_tokens, n, None)
+        await resp.write_eof()
+        return resp
+
+    def _count(self, prompt_tokens: int, output_tokens: int, ttft: float | None) -> None:
+        self.state.prompt_tokens += prompt_tokens
+        self.state.generation_tokens += output_tokens
+        self.state.request_success += 1
+        if ttft is not None:
+            self.state.ttft.append(ttft)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self.b.metrics:
+            return web.Response(status=404, text="404: Not Found")
+        lab = f'engine="0",model_name="{self.b.model}"'
+        lines = [
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{lab}}} {float(self.state.generation_tokens)}",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{lab}}} {float(self.state.prompt_tokens)}",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{{lab},finished_reason="length"}} {float(self.state.request_success)}',
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+        ]
+        for le in (*TTFT_BUCKETS, float("inf")):
+            n = sum(1 for t in self.state.ttft if t <= le)
+            le_text = "+Inf" if le == float("inf") else repr(le)
+            lines.append(f'vllm:time_to_first_token_seconds_bucket{{{lab},le="{le_text}"}} {float(n)}')
+        lines.append(f"vllm:time_to_first_token_seconds_count{{{lab}}} {float(len(self.state.ttft))}")
+        lines.append(f"vllm:time_to_first_token_seconds_sum{{{lab}}} {sum(self.state.ttft)}")
+        lines.append("# TYPE vllm:cache_config_info gauge")
+        lines.append(
+            f'vllm:cache_config_info{{block_size="{self.b.block_size}",cache_dtype="auto",engine="0",'
+            f'num_cpu_blocks="None",num_gpu_blocks="{self.b.num_gpu_blocks}",prefix_caching_hash_algo="sha256"}} 1.0'
+        )
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def _shutdown(runner: web.AppRunner) -> None:
+    await runner.cleanup()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in others:
+        t.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serve(behaviour: Behaviour | None = None) -> Iterator[tuple[str, FakeVllm]]:
+    """Run a FakeVllm in a thread; yield its base URL and the server object."""
+    fake = FakeVllm(behaviour)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(fake.app, access_log=None, shutdown_timeout=0.2)
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def start() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        addr: Any = runner.addresses[0]
+        port.append(addr[1])
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{port[0]}", fake
+    finally:
+        asyncio.run_coroutine_threadsafe(_shutdown(runner), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

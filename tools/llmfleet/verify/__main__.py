@@ -1,0 +1,5 @@
+"""``python -m llmfleet.verify``."""
+
+from llmfleet.verify.cli import main
+
+raise SystemExit(main())

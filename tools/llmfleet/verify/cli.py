@@ -1,0 +1,191 @@
+"""``python -m llmfleet.verify``: check a live vLLM endpoint against a plan's targets.
+
+Exit 0: every target met; 2: a target missed; 1: could not measure (always one line on stderr,
+never a traceback). The API key is read from the environment variable the plan instance's
+``api_key_env`` (or ``--api-key-env``) names, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import report, runner
+from .config import (
+    LoadSpec,
+    Targets,
+    VerifyConfig,
+    config_from_instance,
+    plan_instance,
+    read_plan,
+)
+from .errors import ExitCode, VerifyError
+from .httpclient import Timeouts
+
+PROG = "verify"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would exit 2, which means "target missed" here
+        raise VerifyError(f"usage: {message} (see --help)")
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not v > 0:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Check a live vLLM OpenAI-compatible endpoint against a plan's targets.",
+        epilog="exit codes: 0 all targets met, 2 a target missed, 1 could not measure",
+    )
+    src = p.add_argument_group("what to verify")
+    src.add_argument("--plan", metavar="FILE", help="plan JSON (schema 1); its instance gives url, model, targets, load")
+    src.add_argument("--instance", metavar="NAME", help="instance of the plan (needed when it has several)")
+    src.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8000 (overrides the plan's)")
+    src.add_argument("--model", help="served model id expected (default: the plan's, else the one served)")
+    src.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (sent as Bearer)")
+
+    tg = p.add_argument_group("targets (override the plan's)")
+    tg.add_argument("--target-min-output-tokens-per-s", type=_positive(float), metavar="X")
+    tg.add_argument("--target-max-ttft-p95-s", type=_positive(float), metavar="S")
+    tg.add_argument("--target-min-context-tokens", type=_positive(int), metavar="N")
+    tg.add_argument("--target-min-kv-cache-tokens", type=_positive(int), metavar="N")
+
+    ld = p.add_argument_group("load (overrides the plan's)")
+    ld.add_argument("--concurrency", type=_positive(int), metavar="N", help="concurrent streams (default 4)")
+    ld.add_argument("--requests", type=_positive(int), metavar="N", help="requests in all (default 16)")
+    ld.add_argument("--prompt-tokens", type=_positive(int), metavar="N", help="prompt length in tokens (default 64)")
+    ld.add_argument("--output-tokens", type=_positive(int), metavar="N", help="output length in tokens (default 32)")
+
+    to = p.add_argument_group("timeouts (seconds)")
+    d = Timeouts()
+    to.add_argument("--ready-timeout", type=float, default=120.0, metavar="S", help="wait this long for /health (default 120)")
+    to.add_argument("--connect-timeout", type=_positive(float), default=d.connect, metavar="S", help=f"default {d.connect:g}")
+    to.add_argument(
+        "--first-byte-timeout",
+        type=_positive(float),
+        default=d.first_byte,
+        metavar="S",
+        help=f"request sent → first byte of the body, covers queueing and prefill (default {d.first_byte:g})",
+    )
+    to.add_argument("--idle-timeout", type=_positive(float), default=d.idle, metavar="S", help=f"silence mid-body (default {d.idle:g})")
+    to.add_argument("--request-timeout", type=_positive(float), metavar="S", help="cap on one whole request (default none)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help=f"print the JSON envelope ({report.SCHEMA}) instead of tables")
+    out.add_argument("--output", metavar="FILE", help="also write the JSON envelope to FILE")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--debug", action="store_true", help="print a traceback on an internal error")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VerifyConfig:
+    if args.ready_timeout != args.ready_timeout or args.ready_timeout < 0:
+        raise VerifyError(f"usage: --ready-timeout must be >= 0, got {args.ready_timeout}")
+    timeouts = Timeouts(args.connect_timeout, args.first_byte_timeout, args.idle_timeout, args.request_timeout)
+    target_args = {
+        k: getattr(args, f"target_{k}") for k in ("min_output_tokens_per_s", "max_ttft_p95_s", "min_context_tokens", "min_kv_cache_tokens")
+    }
+    load_args = {k: getattr(args, k) for k in ("concurrency", "requests", "prompt_tokens", "output_tokens")}
+    common: dict[str, Any] = {"timeouts": timeouts, "ready_timeout": args.ready_timeout}
+    if args.plan:
+        plan = read_plan(args.plan)
+        inst = plan_instance(plan, args.instance, args.plan)
+        generation = plan.get("generation")
+        return config_from_instance(
+            inst,
+            target_overrides=target_args,
+            load_overrides=load_args,
+            url=args.url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            generation=generation if isinstance(generation, str) else None,
+            **common,
+        )
+    if args.instance:
+        raise VerifyError("usage: --instance needs --plan")
+    if not args.url:
+        raise VerifyError("usage: give --plan FILE or --url URL (see --help)")
+    return VerifyConfig(
+        url=args.url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        targets=Targets().merged(target_args),
+        load=LoadSpec().merged(load_args),
+        **common,
+    )
+
+
+def _error_envelope(reason: str) -> str:
+    env = {
+        "schema": report.SCHEMA,
+        "ok": False,
+        "exit_code": int(ExitCode.ERROR),
+        "instance": None,
+        "checks": [],
+        "load": None,
+        "server": {},
+        "error": reason,
+    }
+    return json.dumps(env, indent=2) + "\n"
+
+
+def _say(reason: str) -> None:
+    sys.stderr.write(f"{PROG}: {' '.join(reason.split())}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    want_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        config = config_from_args(args)
+        progress = report.progress_for(sys.stderr, enabled=not (args.json or args.no_progress))
+        outcome = asyncio.run(runner.run(config, progress))
+        if args.output:
+            try:
+                report.write_json(outcome, args.output)
+            except OSError as exc:
+                raise VerifyError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        if args.json:
+            sys.stdout.write(report.dumps(outcome))
+        else:
+            report.render_human(outcome)
+        code = outcome.exit_code
+        if code == ExitCode.ERROR:
+            _say(outcome.error or "could not measure")
+        elif code == ExitCode.TARGET_MISSED:
+            missed = [c for c in outcome.checks if c.verdict == "fail"]
+            _say("target missed: " + "; ".join(f"{c.name} {c.measured} {c.unit} (target {c.target})".replace("  ", " ") for c in missed))
+        return int(code)
+    except VerifyError as exc:
+        if want_json:
+            sys.stdout.write(_error_envelope(" ".join(str(exc).split())))
+        _say(str(exc))
+        return int(ExitCode.ERROR)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return int(ExitCode.ERROR)
+    except Exception as exc:  # a bug: still one line unless asked
+        if debug:
+            traceback.print_exc()
+        _say(f"internal error: {exc.__class__.__name__}: {exc}")
+        return int(ExitCode.ERROR)

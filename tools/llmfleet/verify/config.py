@@ -1,0 +1,192 @@
+"""What one verify run checks: validated at the edge, stdlib only (hosts have no pydantic).
+
+The input is either an instance of a plan (``docs/architecture.md``, plan schema 1: ``url``,
+``served_model_name``, ``max_model_len``, ``targets``, ``load``, optional ``api_key_env``) or a
+bare URL with targets given on the command line. Unknown keys of ``targets`` and ``load`` are
+refused: a target this verify does not know must not be skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import VerifyError
+from .httpclient import Endpoint, Timeouts
+
+PLAN_SCHEMA = 1
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: output tokens of the full-context probe; its prompt is min_context_tokens minus these
+CONTEXT_PROBE_OUTPUT_TOKENS = 4
+
+
+def _number(value: object, where: str, *, integer: bool, minimum: float, exclusive: bool = False) -> float | int:
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise VerifyError(f"{where} must be {kind}, got {value!r}")
+    assert isinstance(value, int | float)
+    if value != value or (value <= minimum if exclusive else value < minimum):  # NaN or out of range
+        bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+        raise VerifyError(f"{where} must be {bound}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """What the live instance must show (plan instance ``targets``)."""
+
+    min_output_tokens_per_s: float | None = None
+    max_ttft_p95_s: float | None = None
+    min_context_tokens: int | None = None
+    min_kv_cache_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, raw: object, where: str) -> Targets:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise VerifyError(f"{where} must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise VerifyError(f"{where}: unknown target {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if value is None:
+                continue
+            integer = key in ("min_context_tokens", "min_kv_cache_tokens")
+            values[key] = _number(value, f"{where}.{key}", integer=integer, minimum=0, exclusive=True)
+        return cls(**values)
+
+    def merged(self, overrides: Mapping[str, float | int | None]) -> Targets:
+        """These targets with the given ones (not None) put in their place."""
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        Targets.parse(given, "targets")  # validates
+        return replace(self, **given)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """The fixed streaming load (plan instance ``load``)."""
+
+    concurrency: int = 4
+    requests: int = 16
+    prompt_tokens: int = 64
+    output_tokens: int = 32
+
+    @classmethod
+    def parse(cls, raw: object, where: str) -> LoadSpec:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise VerifyError(f"{where} must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise VerifyError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        values = {k: int(_number(v, f"{where}.{k}", integer=True, minimum=1)) for k, v in raw.items()}
+        return cls(**values)
+
+    def merged(self, overrides: Mapping[str, int | None]) -> LoadSpec:
+        for key, value in overrides.items():
+            if value is not None:
+                _number(value, f"--{key.replace('_', '-')}", integer=True, minimum=1)
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    url: str
+    instance: str | None = None
+    model: str | None = None  # None: take the one model the server serves
+    plan_max_model_len: int | None = None
+    generation: str | None = None
+    api_key_env: str | None = None
+    targets: Targets = field(default_factory=Targets)
+    load: LoadSpec = field(default_factory=LoadSpec)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    ready_timeout: float = 120.0
+    context_probe_output_tokens: int = CONTEXT_PROBE_OUTPUT_TOKENS
+
+    def __post_init__(self) -> None:
+        try:
+            Endpoint.parse(self.url)
+        except ValueError as exc:
+            raise VerifyError(str(exc)) from None
+        if self.api_key_env is not None and not ENV_NAME_RE.match(self.api_key_env):
+            raise VerifyError(f"api_key_env must name an environment variable, got {self.api_key_env!r}")
+        ctx = self.targets.min_context_tokens
+        if ctx is not None and ctx <= self.context_probe_output_tokens:
+            raise VerifyError(f"min_context_tokens must be > {self.context_probe_output_tokens}, got {ctx}")
+
+
+def read_plan(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise VerifyError(f"cannot read plan {path}: {exc.strerror or exc}") from None
+    try:
+        plan = json.loads(text)
+    except ValueError as exc:
+        raise VerifyError(f"plan {path} is not JSON: {exc}") from None
+    if not isinstance(plan, dict):
+        raise VerifyError(f"plan {path} is not a JSON object")
+    if plan.get("schema") != PLAN_SCHEMA:
+        raise VerifyError(f"plan {path} has schema {plan.get('schema')!r}; this verify reads schema {PLAN_SCHEMA}")
+    return plan
+
+
+def plan_instance(plan: Mapping[str, Any], name: str | None, path: str) -> dict[str, Any]:
+    instances = plan.get("instances")
+    if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
+        raise VerifyError(f"plan {path}: 'instances' must be a list of objects")
+    names = [str(i.get("name")) for i in instances]
+    if name is None:
+        if len(instances) != 1:
+            raise VerifyError(f"plan {path} has {len(instances)} instances ({', '.join(names) or 'none'}): pass --instance")
+        return dict(instances[0])
+    for inst in instances:
+        if inst.get("name") == name:
+            return dict(inst)
+    raise VerifyError(f"plan {path} has no instance {name!r} (has: {', '.join(names) or 'none'})")
+
+
+def config_from_instance(
+    inst: Mapping[str, Any],
+    *,
+    target_overrides: Mapping[str, float | int | None] | None = None,
+    load_overrides: Mapping[str, int | None] | None = None,
+    **overrides: Any,
+) -> VerifyConfig:
+    """A config from one plan instance; overrides that are not None win."""
+    name = inst.get("name")
+    where = f"plan instance {name!r}"
+    url = inst.get("url")
+    model = inst.get("served_model_name") or inst.get("model")
+    if not isinstance(url, str) or not url:
+        raise VerifyError(f"{where}: 'url' must be a non-empty string")
+    if not isinstance(model, str) or not model:
+        raise VerifyError(f"{where}: 'served_model_name' must be a non-empty string")
+    mml = inst.get("max_model_len")
+    if mml is not None:
+        mml = int(_number(mml, f"{where}.max_model_len", integer=True, minimum=1))
+    key_env = inst.get("api_key_env")
+    if key_env is not None and not isinstance(key_env, str):
+        raise VerifyError(f"{where}.api_key_env must be a string")
+    values: dict[str, Any] = {
+        "url": url,
+        "instance": name if isinstance(name, str) else None,
+        "model": model,
+        "plan_max_model_len": mml,
+        "api_key_env": key_env,
+        "targets": Targets.parse(inst.get("targets"), f"{where}.targets").merged(target_overrides or {}),
+        "load": LoadSpec.parse(inst.get("load"), f"{where}.load").merged(load_overrides or {}),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return VerifyConfig(**values)
