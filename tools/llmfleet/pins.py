@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, PlanRefused, from_validation_error
 
@@ -49,6 +49,10 @@ class RuntimePin(_Pin):
     excluded: list[str] = Field(default_factory=list)
     system_packages: list[str] = Field(default_factory=list)
     metadata_shim: bool = False
+    #: architectures whose model class declares ``SupportsPP`` in this engine version, read from the
+    #: release when pinning (``llmfleet.rules_scan``); None: not scanned, the PP rule cannot decide
+    supports_pp: list[str] | None = None
+    supports_pp_source: str | None = None
     notes: str | None = None
 
     @property
@@ -69,21 +73,77 @@ class FilePin(_Pin):
     size: Annotated[int, Field(ge=0)]
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
 class ArchFacts(BaseModel):
-    """Architecture facts of a model; more keys are kept for the capacity planner."""
+    """Architecture facts of a model: what the compatibility rules and the capacity planner read.
+
+    Names follow the model's ``config.json`` (text config for multimodal models) where one exists.
+    Only the first block is required; the rest describe the families the planner knows: dense
+    decoders (Llama, Qwen, Gemma with sliding + global layers), MoE experts, and hybrid Mamba-2
+    layers (Nemotron-H). Facts of the checkpoint rather than the architecture (which layers a
+    quantized checkpoint keeps unquantized, its KV cache scheme) are kept here too. More keys are
+    allowed and kept.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     architecture: str
-    num_hidden_layers: Annotated[int, Field(ge=1)]
-    num_attention_heads: Annotated[int, Field(ge=1)]
-    num_key_value_heads: Annotated[int, Field(ge=1)]
-    hidden_size: Annotated[int, Field(ge=1)]
-    head_dim: Annotated[int, Field(ge=1)] | None = None
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    hidden_size: PositiveInt
+    head_dim: PositiveInt | None = None
     intermediate_size: int | None = None
     vocab_size: int | None = None
-    max_position_embeddings: Annotated[int, Field(ge=1)]
+    max_position_embeddings: PositiveInt
     torch_dtype: str | None = None
+    # (unset booleans are left out of the lock: None means the default named here)
+    tie_word_embeddings: bool | None = None  # default False
+    #: gate and up projections (SwiGLU/GeGLU, the default); False for a plain up projection (Nemotron-H relu2)
+    gated_mlp: bool | None = None
+    # attention layer kinds: per layer "full_attention" | "sliding_attention" (Gemma 3/4)
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
+    sliding_window: PositiveInt | None = None
+    global_head_dim: PositiveInt | None = None  # head size of the full-attention layers (Gemma 4)
+    num_global_key_value_heads: PositiveInt | None = None  # KV heads of full layers with attention_k_eq_v
+    attention_k_eq_v: bool | None = None  # default False
+    # hybrid layer pattern (Nemotron-H): M = Mamba-2, * = attention, - = MLP, E = MoE
+    hybrid_override_pattern: str | None = None
+    # MoE
+    num_experts: PositiveInt | None = None
+    num_experts_per_tok: PositiveInt | None = None
+    moe_intermediate_size: PositiveInt | None = None
+    shared_expert_intermediate_size: PositiveInt | None = None
+    # Mamba-2
+    mamba_num_heads: PositiveInt | None = None
+    mamba_head_dim: PositiveInt | None = None
+    ssm_state_size: PositiveInt | None = None
+    mamba_n_groups: PositiveInt | None = None
+    conv_kernel: PositiveInt | None = None
+    mamba_ssm_cache_dtype: str | None = None
+    mamba_conv_cache_dtype: str | None = None
+    #: parameters outside the decoder (vision/audio towers), kept in the model dtype
+    extra_params: Annotated[int, Field(ge=0)] | None = None
+    #: what a quantized checkpoint keeps unquantized: "attention", "mamba", "mlp", "experts",
+    #: "lm_head", or "layer:<index>" (embeddings, norms, routers, conv1d always are)
+    unquantized: list[str] | None = None
+    #: the KV cache dtype the checkpoint declares (e.g. a ModelOpt fp8 KV scheme); vLLM resolves
+    #: ``--kv-cache-dtype auto`` to it
+    kv_cache_dtype: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArchFacts:
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, num_hidden_layers is {self.num_hidden_layers}")
+        if self.hybrid_override_pattern is not None and len(self.hybrid_override_pattern) != self.num_hidden_layers:
+            raise ValueError(
+                f"hybrid_override_pattern has {len(self.hybrid_override_pattern)} layers, num_hidden_layers is {self.num_hidden_layers}"
+            )
+        if self.layer_types and "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not given")
+        return self
 
 
 class ModelPin(_Pin):

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import rules
 from .errors import PlanRefused, Problem, from_validation_error
 from .pins import Lock, ModelPin, RuntimePin, content_hash, model_store_name, runtime_store_name
 from .spec import (
@@ -82,6 +83,8 @@ class _Checker:
     def __init__(self, host: str):
         self.host = host
         self.problems: list[Problem] = []
+        self.advice: list[str] = []
+        self.analyses: dict[int, rules.Analysis] = {}
 
     def error(self, where: str, value: Any, message: str, valid: str = "") -> None:
         self.problems.append(Problem(self.host, where, value, message, valid))
@@ -95,7 +98,14 @@ class _Checker:
 
 
 def _check_instance(
-    c: _Checker, i: int, inst: Instance, hw: HardwareProfile, hw_key: str, lock: Lock, runtime: RuntimePin | None
+    c: _Checker,
+    i: int,
+    inst: Instance,
+    hw: HardwareProfile,
+    hw_key: str,
+    lock: Lock,
+    runtime: RuntimePin | None,
+    runtime_key: str | None = None,
 ) -> None:
     at = f"llmfleet_instances[{i}] ({inst.name})"
     n = len(inst.gpus)
@@ -129,14 +139,6 @@ def _check_instance(
                 inst.max_model_len,
                 f"exceeds the model's limit (max_position_embeddings of {inst.model})",
                 f"at most {arch.max_position_embeddings}",
-            )
-        if arch.num_attention_heads % inst.tensor_parallel:
-            divisors = [d for d in range(1, arch.num_attention_heads + 1) if arch.num_attention_heads % d == 0]
-            c.error(
-                f"{at}.tensor_parallel",
-                inst.tensor_parallel,
-                f"does not divide the {arch.num_attention_heads} attention heads of {inst.model}",
-                f"one of {divisors}",
             )
         targets = inst.targets
         if targets.min_context_tokens and targets.min_context_tokens > inst.max_model_len:
@@ -177,6 +179,50 @@ def _check_instance(
             f"is a {runtime.device} build but hardware profile '{hw_key}' is {hw.accelerator}",
             f"a runtime with device '{hw.accelerator}'",
         )
+    if model is not None:
+        _check_rules(c, i, inst, hw, hw_key, model, runtime_key, runtime)
+
+
+def instance_layout(inst: Instance) -> rules.Layout:
+    """The parts of an instance the rules and the capacity planner read."""
+    return rules.Layout(
+        tp=inst.tensor_parallel,
+        pp=inst.pipeline_parallel,
+        gpus=tuple(inst.gpus),
+        max_model_len=inst.max_model_len,
+        gpu_memory_utilization=inst.gpu_memory_utilization,
+        kv_cache_memory_bytes=inst.kv_cache_memory_bytes,
+        engine_args=tuple(sorted(inst.engine_args.items())),
+        min_kv_cache_tokens=inst.targets.min_kv_cache_tokens,
+    )
+
+
+def _check_rules(
+    c: _Checker,
+    i: int,
+    inst: Instance,
+    hw: HardwareProfile,
+    hw_key: str,
+    model: ModelPin,
+    runtime_key: str | None,
+    runtime: RuntimePin | None,
+) -> None:
+    """The compatibility rules (catalog/rules.yml) and the capacity planner on this instance."""
+    at = f"llmfleet_instances[{i}] ({inst.name})"
+    analysis = rules.analyse(inst.model, model, runtime_key, runtime, hw, hw_key, instance_layout(inst))
+    c.analyses[i] = analysis
+    for r in analysis.results:
+        where = f"{at}.{r.field}"
+        if r.status == "unknown":
+            c.warn(where, r.value, f"rule {r.id} {r.message}")
+        elif r.status != "fired":
+            continue
+        elif r.verdict == "refuse":
+            c.error(where, r.value, r.text(), r.valid)
+        elif r.verdict == "warn":
+            c.warn(where, r.value, r.text(), r.valid)
+        else:
+            c.advice.append(str(Problem(c.host, where, r.value, r.text(), r.valid, severity="advice")))
 
 
 def _check_host(c: _Checker, spec: HostSpec, hw: HardwareProfile, hw_key: str, lock: Lock) -> RuntimePin | None:
@@ -202,7 +248,7 @@ def _check_host(c: _Checker, spec: HostSpec, hw: HardwareProfile, hw_key: str, l
         if inst.port in ports:
             c.error(f"{at}.port", inst.port, f"is already used by instance '{ports[inst.port]}'", "a free port")
         ports.setdefault(inst.port, inst.name)
-        _check_instance(c, i, inst, hw, hw_key, lock, runtime)
+        _check_instance(c, i, inst, hw, hw_key, lock, runtime, spec.runtime if runtime is not None else None)
     return runtime
 
 
@@ -355,6 +401,11 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
             "files": [f.model_dump() for f in pin.files or []],
         }
     instances = [_instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"]) for inst in spec.instances]
+    for i, inst_plan in enumerate(instances):
+        analysis = c.analyses.get(i)
+        if analysis is not None:
+            inst_plan["capacity"] = analysis.plan_capacity()
+            inst_plan["rules"] = [r.to_dict() for r in analysis.results]
     plan: dict[str, Any] = {
         "schema": PLAN_SCHEMA,
         "host": host,
@@ -367,10 +418,11 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
         "instances": instances,
         "unresolved": unresolved,
         "warnings": [str(p) for p in c.problems if p.severity == "warning"],
+        "advice": list(c.advice),
     }
     # The generation id is the hash of everything that makes the host what it is, so the same
     # inputs give the same id on any control node; the host name is part of it.
-    plan["generation"] = content_hash({k: v for k, v in plan.items() if k != "warnings"}, 24)
+    plan["generation"] = content_hash({k: v for k, v in plan.items() if k not in ("warnings", "advice")}, 24)
     return plan
 
 
@@ -386,3 +438,26 @@ def evaluate_fleet(
         except PlanRefused as exc:
             problems.extend(exc.problems)
     return plans, problems
+
+
+def explain_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[str, Any]:
+    """Everything behind a host's verdict: each instance's rules (passed ones too) and capacity
+    arithmetic, and the problems, whether or not the plan is refused. Spec errors that prevent the
+    analysis are returned as problems."""
+    out: dict[str, Any] = {"host": host, "instances": [], "problems": [], "advice": []}
+    try:
+        spec = parse_spec(host, host_vars)
+        hw_key, hw = resolve_hardware(host, spec)
+    except PlanRefused as exc:
+        out["problems"] = exc.problems
+        return out
+    c = _Checker(host)
+    _check_host(c, spec, hw, hw_key, lock)
+    out["hardware_profile"] = hw_key
+    out["runtime"] = spec.runtime
+    for i, inst in enumerate(spec.instances):
+        analysis = c.analyses.get(i)
+        out["instances"].append({"name": inst.name, "model": inst.model, "analysis": analysis})
+    out["problems"] = c.problems
+    out["advice"] = c.advice
+    return out
