@@ -12,6 +12,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export LLMFLEET_CACHE ?= $(HOME)/.cache/llmfleet
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
+export LLMFLEET_LAB_DIR := $(abspath .lab)
 export MOLECULE_GLOB := tests/molecule/*/molecule.yml
 INVENTORY ?= inventory/lab
 # Debian packages the control node needs for the lab (nspawn hosts, their network, debootstrap)
@@ -44,9 +45,9 @@ $(VENV)/.stamp: requirements/control.txt pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-## Make the cache hold every resolved artifact of pins/lock.json, hash-verified.
+## Make the cache hold every pinned artifact the inventory uses, hash-verified.
 fetch: venv
-	$(BIN)/python tools/pin.py fetch
+	$(BIN)/python tools/pin.py fetch -i $(INVENTORY)
 
 lab-up: venv
 	$(BIN)/python tools/lab.py up -i $(INVENTORY)/hosts.yml

@@ -208,7 +208,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def _select(lock: Lock, args: argparse.Namespace) -> tuple[dict[str, RuntimePin], dict[str, ModelPin], bool]:
-    """The entries named by --runtime/--model (all of them when none is named)."""
+    """The entries named by --runtime/--model or needed by --inventory (all of them when none is named)."""
+    if getattr(args, "inventory", None):
+        args.runtime, args.model = list(args.runtime), list(args.model)
+        for rt, models in _inventory_needs(lock, args.inventory).items():
+            args.runtime += [rt] if rt not in args.runtime else []
+            args.model += [m for m in models if m not in args.model]
     explicit = bool(args.runtime or args.model)
     for kind, keys, table in (("runtime", args.runtime, lock.runtimes), ("model", args.model, lock.models)):
         unknown = [k for k in keys if k not in table]
@@ -217,6 +222,22 @@ def _select(lock: Lock, args: argparse.Namespace) -> tuple[dict[str, RuntimePin]
     if not explicit:
         return dict(lock.runtimes), dict(lock.models), False
     return {k: lock.runtimes[k] for k in args.runtime}, {k: lock.models[k] for k in args.model}, True
+
+
+def _inventory_needs(lock: Lock, inventory: str) -> dict[str, list[str]]:
+    """Runtime key → model keys that the hosts of an inventory use (refused plans are errors)."""
+    from ..errors import PlanRefused
+    from ..inventory import load_inventory
+    from ..plan import evaluate_fleet
+
+    plans, problems = evaluate_fleet(load_inventory(inventory), lock)
+    if problems:
+        raise PlanRefused(problems)
+    needs: dict[str, list[str]] = {}
+    for plan in plans.values():
+        models = needs.setdefault(plan["runtime"]["key"], [])
+        models += [m for m in plan["models"] if m not in models]
+    return needs
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -325,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
         f = sub.add_parser(name, help=text)
         f.add_argument("--runtime", action="append", default=[], help="only this runtime key (repeatable)")
         f.add_argument("--model", action="append", default=[], help="only this model key (repeatable)")
+        f.add_argument("-i", "--inventory", help="only what the hosts of this inventory use, e.g. inventory/lab")
         if name == "fetch":
             f.add_argument("--find-links", action="append", type=Path, default=[], help="local folder of wheels to copy from first")
         f.set_defaults(func=func)

@@ -1,0 +1,150 @@
+"""The contract of a converged lab host, checked on the host itself (testinfra).
+
+Each host is compared with the plan the evaluator computes on the control node from the same
+inventory and pins: what runs must be exactly that generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(REPO / "tools"))
+
+from llmfleet.inventory import load_inventory  # noqa: E402
+from llmfleet.pins import load_lock  # noqa: E402
+from llmfleet.plan import evaluate_host  # noqa: E402
+
+testinfra_hosts = [f"ansible://all?ansible_inventory={os.environ.get('MOLECULE_INVENTORY_FILE', '')}"]
+ROOT = "/var/lib/llmfleet"
+
+_INVENTORY = load_inventory(REPO / "inventory" / "lab")
+_LOCK = load_lock()
+
+
+@pytest.fixture(scope="module")
+def plan(host: Any) -> dict[str, Any]:
+    name = host.backend.get_hostname()
+    return evaluate_host(name, _INVENTORY[name], _LOCK)
+
+
+@pytest.fixture(autouse=True)
+def journal_on_failure(request: pytest.FixtureRequest, host: Any) -> Any:
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        out = host.run("journalctl -u 'llmfleet-vllm@*' -n 80 --no-pager")
+        print(f"--- journal of {host.backend.get_hostname()} ---\n{out.stdout}")
+
+
+def test_current_is_the_planned_generation(host: Any, plan: dict[str, Any]) -> None:
+    current = host.file(f"{ROOT}/current")
+    assert current.is_symlink
+    assert current.linked_to == f"{ROOT}/generations/{plan['generation']}"
+    deployed = json.loads(host.file(f"{ROOT}/current/plan.json").content_string)
+    assert deployed["generation"] == plan["generation"]
+    assert host.file(f"{ROOT}/current/manifest.json").exists
+
+
+def test_units_active_enabled_and_listening(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        svc = host.service(inst["unit"])
+        assert svc.is_running, inst["unit"]
+        assert svc.is_enabled, inst["unit"]
+        assert host.socket(f"tcp://{inst['bind']}:{inst['port']}").is_listening
+        health = host.run(f"curl -fsS -o /dev/null -w '%{{http_code}}' {inst['url']}/health")
+        assert health.stdout == "200"
+
+
+def test_api_bound_to_loopback_only(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        assert inst["bind"] == "127.0.0.1"
+        assert not host.socket(f"tcp://0.0.0.0:{inst['port']}").is_listening
+
+
+def _props(host: Any, unit: str, *names: str) -> dict[str, str]:
+    out = host.check_output(f"systemctl show {unit} " + " ".join(f"-p {n}" for n in names))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_hardening_properties(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        p = _props(
+            host,
+            inst["unit"],
+            "User",
+            "ProtectSystem",
+            "ProtectHome",
+            "NoNewPrivileges",
+            "PrivateTmp",
+            "PrivateDevices",
+            "ProtectKernelTunables",
+            "ProtectKernelModules",
+            "ProtectControlGroups",
+            "RestrictSUIDSGID",
+            "CapabilityBoundingSet",
+            "LimitNOFILE",
+            "UMask",
+        )
+        assert p["User"] == "llmfleet"
+        assert p["ProtectSystem"] == "strict"
+        assert p["ProtectHome"] in ("yes", "read-only", "tmpfs")
+        for flag in ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+                     "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID"):
+            assert p[flag] == "yes", flag
+        assert p["CapabilityBoundingSet"] == ""
+        assert p["LimitNOFILE"] == "20000"
+        assert p["UMask"] == "0077"
+        pid = host.check_output(f"systemctl show -p MainPID --value {inst['unit']}")
+        assert pid != "0"
+        user = host.check_output(f"ps -o user= -p {pid}")
+        assert user == "llmfleet"
+
+
+def test_store_read_only_and_weights_not_writable_by_service_user(host: Any, plan: dict[str, Any]) -> None:
+    paths = [plan["runtime"]["store_path"]] + [m["store_path"] for m in plan["models"].values()]
+    for path in paths:
+        d = host.file(path)
+        assert d.is_directory and d.user == "root"
+        assert d.mode & 0o022 == 0, f"{path} is writable by group or others"
+        assert host.file(f"{path}/.llmfleet-complete").exists
+        # no partial build left behind
+        assert not host.file(f"{path}.partial").exists
+    for model in plan["models"].values():
+        for f in model["files"]:
+            fp = host.file(f"{model['store_path']}/{f['path']}")
+            assert fp.sha256sum == f["sha256"] and fp.size == f["size"]
+            assert fp.mode & 0o022 == 0 and fp.mode & 0o004
+        probe = host.run(f"runuser -u llmfleet -- touch {model['store_path']}/probe")
+        assert probe.rc != 0, "the service user could write into its weights"
+        probe = host.run(f"runuser -u llmfleet -- sh -c 'echo x >> {model['store_path']}/config.json'")
+        assert probe.rc != 0, "the service user could modify a weight file"
+
+
+def test_launch_matches_plan_argv(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        argv = json.loads(host.file(f"{ROOT}/current/instances/{inst['name']}/argv.json").content_string)
+        assert argv == inst["argv"]
+        pid = host.check_output(f"systemctl show -p MainPID --value {inst['unit']}")
+        cmdline = host.file(f"/proc/{pid}/cmdline").content.split(b"\0")
+        assert [c.decode() for c in cmdline if c] == inst["argv"]
+
+
+def test_environment_file_is_not_world_readable(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        env = host.file(f"{ROOT}/current/instances/{inst['name']}/env")
+        assert env.user == "root" and env.mode & 0o007 == 0
+
+
+def test_verify_result_recorded_and_passed(host: Any, plan: dict[str, Any]) -> None:
+    for inst in plan["instances"]:
+        f = host.file(f"{ROOT}/verify/{plan['generation']}/{inst['name']}.json")
+        assert f.exists, "verify did not record a result for this generation"
+        result = json.loads(f.content_string)
+        assert result["ok"] is True and result["exit_code"] == 0
