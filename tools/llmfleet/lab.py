@@ -61,6 +61,7 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
     "python3-apt", "libnuma1", "ca-certificates", "iproute2", "procps", "sudo", "less", "curl",
     "iputils-ping",
+    "g++", "python3-dev",  # vLLM's CPU build compiles kernels at start-up (tensor parallel needs it)
     "man-db",  # `systemd-analyze verify` runs `man` for each Documentation=man: of a unit
 )  # fmt: skip
 # Bump whenever build_rootfs/_prepare_rootfs changes what ends up in the tarball.
