@@ -21,10 +21,11 @@ from llmfleet.inventory import load_inventory  # noqa: E402
 from llmfleet.pins import load_lock  # noqa: E402
 from llmfleet.plan import evaluate_host  # noqa: E402
 
-testinfra_hosts = [f"ansible://all?ansible_inventory={os.environ.get('MOLECULE_INVENTORY_FILE', '')}"]
 ROOT = "/var/lib/llmfleet"
-
 _INVENTORY = load_inventory(REPO / "inventory" / "lab")
+# tools/lab.py writes an ssh_config for the lab hosts (testinfra does not template inventory vars)
+_LAB_DIR = Path(os.environ.get("LLMFLEET_LAB_DIR") or REPO / ".lab")
+testinfra_hosts = [f"ssh://{name}?ssh_config={_LAB_DIR / 'ssh_config'}" for name in sorted(_INVENTORY)]
 _LOCK = load_lock()
 
 
