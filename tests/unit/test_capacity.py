@@ -78,13 +78,33 @@ def test_tokens_label_when_max_len_is_not_a_multiple_of_the_block() -> None:
 
 def test_log_formula_and_fp32_kv_and_fp8_kv() -> None:
     f32 = TINY.model_copy(update={"torch_dtype": "float32"})
-    assert cpu(f32)["kv"]["num_blocks"] == 2048  # 4 B per element doubles the page
+    # --dtype auto runs a float32 checkpoint in bfloat16 (weights and KV): as for TINY
+    auto = cpu(f32)
+    assert auto["kv"]["dtype"] == "bfloat16" and auto["kv"]["num_blocks"] == 4096
+    assert auto["weights"]["bytes_per_gpu"] == cpu()["weights"]["bytes_per_gpu"]
+    # --dtype float32 keeps it: 4 B per element doubles the page
+    forced = cpu(f32, dtype="float32")
+    assert forced["kv"]["dtype"] == "float32" and forced["kv"]["num_blocks"] == 2048
     assert cpu(kv_cache_dtype="fp8")["kv"]["num_blocks"] == 8192
     old = cap.plan_capacity(
         cap.CapacityInput(TINY, None, 1, 1, 2000, "cpu", 4 * GiB, 10.0, CUDA_019, kv_cache_memory_bytes=1 << 28)
     )
     # 0.19 logs num_blocks // groups × block size: 16 B blocks here (CUDA_019 block 16): 256 MiB // (2 × 16 × 256) = 32768
     assert old["kv"]["num_blocks"] == 32768 and old["kv"]["tokens"] == 32768 * 16
+
+
+def test_model_dtype_resolves_as_vllm_does() -> None:
+    # vllm/config/model.py _resolve_auto_dtype with the platform's supported_dtypes
+    assert cap.resolve_model_dtype("float32", "auto", "cpu")[0] == "bfloat16"
+    assert cap.resolve_model_dtype("float16", "auto", "cpu")[0] == "float16"
+    assert cap.resolve_model_dtype("float32", "float", "cpu")[0] == "float32"
+    assert cap.resolve_model_dtype("bfloat16", "half", "cuda", "8.9")[0] == "float16"
+    assert cap.resolve_model_dtype("float32", "auto", "cuda", "8.9")[0] == "bfloat16"
+    # Turing and Volta have no bfloat16: float32 and bfloat16 checkpoints run in float16
+    assert cap.resolve_model_dtype("float32", "auto", "cuda", "7.5")[0] == "float16"
+    assert cap.resolve_model_dtype("bfloat16", "auto", "cuda", "7.0")[0] == "float16"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        cap.resolve_model_dtype("bfloat16", "int3", "cpu")
 
 
 def test_largest_len_and_refusal_figures() -> None:

@@ -526,20 +526,77 @@ class CapacityInput:
     gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
     kv_cache_dtype: str = "auto"
+    dtype: str = "auto"  # the engine's --dtype
+    compute_capability: str | None = None  # cuda: which dtypes the GPU runs
 
 
-def _resolve_kv_dtype(ci: CapacityInput) -> tuple[str, str]:
+#: ``--dtype`` spellings → the dtype's name (vllm/config/model.py _STR_DTYPE_TO_TORCH_DTYPE)
+MODEL_DTYPES: dict[str, str] = {
+    "half": "float16",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+    "fp32": "float32",
+}
+
+
+def supported_model_dtypes(accelerator: str, compute_capability: str | None = None) -> list[str]:
+    """The dtypes vLLM runs a model in on this accelerator, preferred first
+    (``current_platform.supported_dtypes``: vllm/platforms/cpu.py for x86-64 and aarch64 Linux,
+    vllm/platforms/cuda.py by compute capability; an unknown capability counts as 8.0+)."""
+    if accelerator == "cuda" and compute_capability:
+        major = int(compute_capability.split(".")[0])
+        if major < 6:
+            return ["float32"]
+        if major < 8:
+            return ["float16", "float32"]
+    return ["bfloat16", "float16", "float32"]
+
+
+def resolve_model_dtype(
+    config_dtype: str | None, dtype: str, accelerator: str, compute_capability: str | None = None
+) -> tuple[str, str]:
+    """The dtype vLLM runs the model (and, with ``--kv-cache-dtype auto``, its KV cache) in, and why.
+
+    ``vllm/config/model.py`` ``_get_and_verify_dtype`` / ``_resolve_auto_dtype`` (0.19.0 and
+    0.32.0): an explicit ``--dtype`` wins; ``auto`` takes the checkpoint's dtype, except that a
+    float32 checkpoint is downcast to the platform's preferred dtype (bfloat16 on CPUs and on GPUs
+    of compute capability 8.0+), and a dtype the platform lacks falls back to that preferred one.
+    """
+    explicit = (dtype or "auto").lower()
+    if explicit != "auto":
+        if explicit not in MODEL_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (known: auto, {', '.join(sorted(MODEL_DTYPES))})")
+        return MODEL_DTYPES[explicit], f"engine_args.dtype {dtype}"
+    checkpoint = MODEL_DTYPES.get((config_dtype or BF16).lower(), config_dtype or BF16)
+    supported = supported_model_dtypes(accelerator, compute_capability)
+    if checkpoint == "float32":
+        return supported[0], f"--dtype auto downcasts a float32 checkpoint to {supported[0]}"
+    if checkpoint not in supported:
+        return supported[0], f"{checkpoint} is not supported here: vLLM falls back to {supported[0]}"
+    return checkpoint, "--dtype auto = the checkpoint's dtype"
+
+
+def _resolve_kv_dtype(ci: CapacityInput, model_dtype: str) -> tuple[str, str]:
     if ci.kv_cache_dtype and ci.kv_cache_dtype != "auto":
         return ci.kv_cache_dtype, "engine_args.kv_cache_dtype"
     if ci.facts.kv_cache_dtype:
         return ci.facts.kv_cache_dtype, "the checkpoint's KV cache scheme (vLLM resolves 'auto' to it)"
-    return ci.facts.torch_dtype or BF16, "'auto' = the model dtype"
+    return model_dtype, "'auto' = the model dtype"
 
 
 def plan_capacity(ci: CapacityInput) -> dict[str, Any]:
     """Every figure of one layout, plus the steps that led to them (ints, or floats rounded)."""
-    f = ci.facts
     steps: list[str] = []
+    model_dtype, model_dtype_why = resolve_model_dtype(ci.facts.torch_dtype, ci.dtype, ci.accelerator, ci.compute_capability)
+    f = ci.facts
+    if model_dtype != (f.torch_dtype or BF16):
+        # the weights and an 'auto' KV cache follow the dtype the engine runs in
+        f = f.model_copy(update={"torch_dtype": model_dtype})
+        steps.append(f"model dtype {model_dtype} (checkpoint {ci.facts.torch_dtype or BF16}: {model_dtype_why})")
     fmt = weight_format(ci.quantization, f.torch_dtype)
     stages = stage_weights(f, fmt, ci.tp, ci.pp)
     steps.append(
@@ -553,7 +610,7 @@ def plan_capacity(ci: CapacityInput) -> dict[str, Any]:
         steps.append(f"  stage {s.stage}: {fmt_bytes(s.bytes)} per GPU ({parts})")
     weights_max = max(s.bytes for s in stages)
 
-    kv_dtype, kv_dtype_why = _resolve_kv_dtype(ci)
+    kv_dtype, kv_dtype_why = _resolve_kv_dtype(ci, model_dtype)
     specs = layer_kv(f, ci.tp, kv_dtype)
     per_token = sum(s.bytes_per_token for s in specs)
     n_attn = sum(1 for s in specs if s.kind != "mamba")

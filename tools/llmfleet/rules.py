@@ -761,6 +761,8 @@ def capacity_input(ctx: Context) -> cap.CapacityInput | None:
         gpu_memory_utilization=lay.gpu_memory_utilization,
         kv_cache_memory_bytes=lay.kv_cache_memory_bytes,
         kv_cache_dtype=str(lay.arg("kv_cache_dtype", "auto")),
+        dtype=str(lay.arg("dtype", "auto")),
+        compute_capability=hw.compute_capability,
     )
 
 
