@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import enum
 import fcntl
 import hashlib
@@ -96,8 +97,8 @@ WHEELHOUSE_TARGET = "/srv/llmfleet/wheelhouse"
 NETWORK_FILE = "etc/systemd/network/10-llmfleet-lab.network"
 HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,10}$")  # netns/veth names: 15 characters at most
 SSH_WAIT_S = 90.0
-STOP_WAIT_S = 15.0
-KILL_WAIT_S = 5.0
+STOP_WAIT_S = 30.0
+KILL_WAIT_S = 120  # a killed vLLM worker can take minutes to unmap its memory here
 LOG_TAIL_LINES = 25
 STATUS_SCHEMA = 1
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -836,12 +837,27 @@ def remove_host_cgroups(host_name: str) -> list[str]:
             continue
         tree = sorted((d for d in cgroup.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True)
         for directory in [*tree, cgroup]:
-            _empty_cgroup(directory)
-            directory.rmdir()
+            _remove_cgroup(directory)
         removed.append(f"cgroup {cgroup}")
         with contextlib.suppress(OSError):  # the shared parent goes with the last host
             cgroup.parent.rmdir()
     return removed
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    """Empty and remove one cgroup. rmdir answers EBUSY while killed tasks are still exiting."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while True:
+        _empty_cgroup(cgroup)
+        try:
+            cgroup.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise LabError(f"{cgroup}: cannot be removed ({exc.strerror}); remove it by hand") from exc
+            time.sleep(0.1)
 
 
 def _empty_cgroup(cgroup: Path) -> None:
