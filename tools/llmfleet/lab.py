@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import enum
+import errno
 import fcntl
 import hashlib
 import ipaddress
