@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check a live vLLM endpoint against a plan's targets: ``tools/verify.py --plan FILE [--instance NAME]``.
 
-Exit 0 all targets met, 2 a target missed, 1 could not measure. Stdlib only (rich optional).
+Exit 0 all targets met, 2 a target missed or a regression, 1 could not measure. Stdlib only (rich optional).
 """
 
 import sys

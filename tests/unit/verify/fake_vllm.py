@@ -28,7 +28,7 @@ class Behaviour:
     model: str = "tiny-llama"
     max_model_len: int = 2048
     health: str = "ok"  # ok | 503 | hang
-    completions: str = "good"  # good | 500 | hang | cut | abort | malformed | no_usage | short | error_event
+    completions: str = "good"  # good | 500 | 429 | hang | cut | abort | malformed | no_usage | short | error_event
     ttft_delay: float = 0.0
     token_delay: float = 0.0
     tokens_per_chunk: int = 1
@@ -36,8 +36,13 @@ class Behaviour:
     num_gpu_blocks: int = 1024
     block_size: int = 16
     metrics: bool = True
-    bad_after: int = 0  # misbehave only from this (0-based) completion request on
+    bad_after: int = 0  # misbehave only from this (0-based) streamed completion on (non-streamed ones: only when 0)
     refuse_over: int | None = None  # refuse prompts longer than this though /v1/models says more
+    fail_over: int | None = None  # answer HTTP 500 to prompts longer than this (a server that breaks)
+    overlong: str = "refuse"  # refuse (HTTP 400 like vLLM) | accept (answer, truncating) | 500
+    root: str = "/models/x"  # what /v1/models says the model was loaded from
+    counter_extra_tokens: int = 0  # generation tokens the counter adds per streamed request (other traffic)
+    max_parallel: int | None = None  # streams served at once; more wait (throughput stops growing there)
 
 
 def toy_tokens(text: str) -> list[int]:
@@ -56,6 +61,7 @@ class State:
     prompt_lengths: list[int] = field(default_factory=list)  # of streamed completions
     prompts: list[str] = field(default_factory=list)  # of streamed completions
     completion_requests: int = 0
+    stream_requests: int = 0
     authorizations: list[str | None] = field(default_factory=list)
 
 
@@ -68,6 +74,7 @@ class FakeVllm:
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.b = behaviour or Behaviour()
         self.state = State()
+        self.gate: asyncio.Semaphore | None = None
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/version", self.version)
@@ -95,7 +102,7 @@ class FakeVllm:
     async def models(self, request: web.Request) -> web.Response:
         if denied := self._denied(request):
             return denied
-        entry = {"id": self.b.model, "object": "model", "owned_by": "vllm", "root": "/models/x", "max_model_len": self.b.max_model_len}
+        entry = {"id": self.b.model, "object": "model", "owned_by": "vllm", "root": self.b.root, "max_model_len": self.b.max_model_len}
         return web.json_response({"object": "list", "data": [entry]})
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -117,21 +124,33 @@ class FakeVllm:
         if denied := self._denied(request):
             return denied
         body = await request.json()
-        index = self.state.completion_requests
         self.state.completion_requests += 1
+        index = self.state.stream_requests if body.get("stream") else 0
+        self.state.stream_requests += 1 if body.get("stream") else 0
         if body.get("model") != self.b.model:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         prompt_tokens = len(toy_tokens(body["prompt"]))
-        if prompt_tokens > min(self.b.max_model_len, self.b.refuse_over or self.b.max_model_len):
-            msg = f"This model's maximum context length is {self.b.max_model_len} tokens. However, you requested {prompt_tokens}."
+        mml = self.b.max_model_len
+        if self.b.fail_over is not None and prompt_tokens > self.b.fail_over:
+            return _error(500, "CUDA out of memory", "InternalServerError")
+        if prompt_tokens >= mml and self.b.overlong == "500":
+            return _error(500, "index out of range", "InternalServerError")
+        if prompt_tokens > min(mml, self.b.refuse_over or mml) and self.b.overlong != "accept":
+            msg = f"This model's maximum context length is {mml} tokens. However, your prompt contains {prompt_tokens} input tokens"
             return _error(400, msg, "BadRequestError")
         want = int(body.get("max_tokens", 16))
-        n = min(want, self.b.max_model_len - prompt_tokens)
+        n = min(want, mml - prompt_tokens)
+        if n < 1:  # vLLM 0.32: a prompt of max_model_len tokens leaves no room for output
+            if self.b.overlong != "accept":
+                return _error(400, f"max_tokens must be at least 1, got {n}.", "BadRequestError")
+            n = 1
         bad = self.b.completions if index >= self.b.bad_after else "good"
         if bad == "short":
             n = max(1, n // 2)
         if bad == "500":
             return _error(500, "EngineCore encountered an issue", "InternalServerError")
+        if bad == "429":
+            return _error(429, "Too many requests", "RateLimitError")
         if not body.get("stream"):
             await asyncio.sleep(self.b.ttft_delay)
             self._count(prompt_tokens, n, self.b.ttft_delay)
@@ -139,6 +158,14 @@ class FakeVllm:
             choice = {"index": 0, "text": " x" * n, "finish_reason": "length", "logprobs": None}
             return web.json_response({"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage})
 
+        if self.b.max_parallel is not None:
+            if self.gate is None:
+                self.gate = asyncio.Semaphore(self.b.max_parallel)
+            async with self.gate:
+                return await self._stream(request, body, prompt_tokens, n, bad)
+        return await self._stream(request, body, prompt_tokens, n, bad)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], prompt_tokens: int, n: int, bad: str) -> web.StreamResponse:
         self.state.prompt_lengths.append(prompt_tokens)
         self.state.prompts.append(body["prompt"])
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -177,7 +204,7 @@ class FakeVllm:
             obj = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": self.b.model, "choices": [], "usage": usage}
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
-        self._count(prompt_tokens, n, None)
+        self._count(prompt_tokens, n + self.b.counter_extra_tokens, None)
         await resp.write_eof()
         return resp
 

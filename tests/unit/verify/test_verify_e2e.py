@@ -37,15 +37,19 @@ def test_good_server_meets_targets_with_exact_counts(run_cli: RunCli, tmp_path: 
     c = checks(env)
     assert {k: v["verdict"] for k, v in c.items()} == {
         "model": "pass",
+        "model_revision": "info",  # no plan: the path is reported
         "max_model_len": "pass",
         "kv_cache_tokens": "pass",
         "context_tokens": "pass",
+        "context_max_prompt": "pass",
+        "context_overlong_refused": "pass",
         "load_requests": "pass",
         "output_tokens_per_s": "pass",
         "ttft_p95_s": "pass",
         "requests_per_s": "info",
         "server_generation_tokens": "pass",
         "server_prompt_tokens": "pass",
+        "client_cpu": "info",
     }
     assert c["kv_cache_tokens"]["measured"] == 1024 * 16
     assert c["context_tokens"]["measured"] == 2048
@@ -78,7 +82,7 @@ def test_human_output(run_cli: RunCli) -> None:
         (Behaviour(health="503"), ("--ready-timeout", "1"), "server not ready after 1 s: /health answered HTTP 503"),
         (Behaviour(health="hang"), ("--ready-timeout", "1"), "server not ready after 1 s: GET /health: no response within 1 s"),
         (Behaviour(completions="hang"), ("--idle-timeout", "0.5"), "POST /v1/completions: response stalled, no data for 0.5 s"),
-        (Behaviour(completions="500"), (), "HTTP 500 from POST /v1/completions: EngineCore encountered an issue"),
+        (Behaviour(completions="500"), ("--no-ladder",), "HTTP 500 from POST /v1/completions: EngineCore encountered an issue"),
         (Behaviour(completions="cut"), (), "stream ended before [DONE]"),
         (Behaviour(completions="abort"), (), "connection closed mid-body"),
         (Behaviour(completions="malformed"), (), "malformed SSE: invalid JSON in event"),
@@ -114,7 +118,7 @@ def test_failures_are_counted_never_dropped(run_cli: RunCli) -> None:
     assert load["errors"] == [{"error": "HTTP 500 from POST /v1/completions: EngineCore encountered an issue", "count": 1}]
     assert checks(env)["load_requests"]["verdict"] == "fail"
     assert "1 of 20 load requests failed, 16 not sent" in env["error"]
-    assert fake.state.completion_requests == 4
+    assert fake.state.stream_requests == 4
 
 
 def test_connection_refused(run_cli: RunCli) -> None:

@@ -73,7 +73,9 @@ def test_cli_subprocess(python: list[str], tmp_path: Path) -> None:
     with serve(Behaviour(api_key="abc")) as (url, fake):
         ok = subprocess.run(
             [*python, "-m", "llmfleet.verify", "--url", url, "--api-key-env", "LLMF_SUB_KEY", "--requests", "4",
-             "--target-min-context-tokens", "512", "--output", str(tmp_path / "v.json")],
+             "--target-min-context-tokens", "512", "--output", str(tmp_path / "v.json"), "--concurrency", "2,1", "--sweep",
+             "--sweep-max-concurrency", "2", "--textfile", str(tmp_path / "v.prom"), "--plot", str(tmp_path / "v.html"),
+             "--history", str(tmp_path)],
             capture_output=True, text=True, env=env, timeout=60,
         )  # fmt: skip
         slow = subprocess.run(
@@ -84,6 +86,7 @@ def test_cli_subprocess(python: list[str], tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert ok.stderr == "" and "result: all targets met (exit 0)" in ok.stdout
     assert json.loads((tmp_path / "v.json").read_text())["ok"] is True
+    assert "llmfleet_verify_exit_code{" in (tmp_path / "v.prom").read_text() and "<svg" in (tmp_path / "v.html").read_text()
     assert "Bearer abc" in fake.state.authorizations
     assert slow.returncode == 2 and slow.stderr.startswith("verify: target missed: ttft_p95_s")
     down = subprocess.run(
@@ -99,9 +102,7 @@ def test_cli_subprocess(python: list[str], tmp_path: Path) -> None:
         )  # fmt: skip
         hang_seconds = time.monotonic() - t0
     assert hang.returncode == 1 and hang_seconds < 10
-    assert hang.stderr == (
-        "verify: 4 of 4 load requests failed; first: POST /v1/completions: response stalled, no data for 0.5 s\n"
-    )
+    assert hang.stderr == ("verify: 4 of 4 load requests failed; first: POST /v1/completions: response stalled, no data for 0.5 s\n")
     assert json.loads(hang.stdout)["load"]["failed"] == 4
     for proc in (ok, slow, down, hang):
         assert "Traceback" not in proc.stdout + proc.stderr

@@ -6,6 +6,7 @@ imports nothing else of llmfleet. Entry points: ``python -m llmfleet.verify`` an
 
 Modules: ``httpclient`` (HTTP/1.1 on asyncio streams), ``sse``, ``prometheus`` (text format),
 ``metrics`` (per-request results and figure definitions), ``prompts`` (exact token counts),
-``config`` (plan instance → what to check), ``checks``, ``runner`` (the steps), ``report``
-(JSON envelope, tables), ``cli``.
+``config`` (plan instance → what to check), ``checks``, ``runner`` (the steps), ``history``
+(the last good run), ``report`` (JSON envelope, tables), ``textfile`` (node_exporter),
+``plot`` (HTML with inline SVG), ``cli``.
 """

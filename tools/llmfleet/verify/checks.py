@@ -48,11 +48,19 @@ def at_most(name: str, measured: float | int, target: float | int | None, unit: 
     return Check(name, measured, f"<= {target:g}", verdict, unit, detail)
 
 
-def agrees(name: str, server: float | None, client: int, detail: str) -> Check:
-    """A cross-check of a server counter against the client's count: warn, never fail."""
+def agrees(name: str, server: float | None, client: int, detail: str, *, shared: bool = False) -> Check:
+    """A server counter's delta over the load against the client's own count: they must be equal.
+
+    Not published: warn (nothing to compare). With ``shared`` (other clients may use the server), a
+    delta *larger* than the client's count is other traffic and only warns; fewer tokens counted by
+    the server than the client received is always a failure.
+    """
     if server is None:
         return Check(name, None, f"= {client}", Verdict.WARN, "tokens", "not published by the server")
     measured: float | int = int(server) if float(server).is_integer() else server
     if measured == client:
         return Check(name, measured, f"= {client}", Verdict.PASS, "tokens", detail)
-    return Check(name, measured, f"= {client}", Verdict.WARN, "tokens", detail + " (other traffic, or a restart?)")
+    if shared and measured > client:
+        return Check(name, measured, f"= {client}", Verdict.WARN, "tokens", detail + " (other traffic on a shared server)")
+    why = " (other traffic? pass --shared-server if the server is in use)" if measured > client else " (the server counted fewer)"
+    return Check(name, measured, f"= {client}", Verdict.FAIL, "tokens", detail + why)

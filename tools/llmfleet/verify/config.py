@@ -44,6 +44,8 @@ class Targets:
     max_ttft_p95_s: float | None = None
     min_context_tokens: int | None = None
     min_kv_cache_tokens: int | None = None
+    #: the largest worsening against the last passing run, as a fraction (default 0.2)
+    max_regression: float | None = None
 
     @classmethod
     def parse(cls, raw: object, where: str) -> Targets:
@@ -101,6 +103,42 @@ class LoadSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanFacts:
+    """What the plan predicts about the instance; None: the plan does not say, nothing is compared.
+
+    ``model_root`` is ``models[<key>].store_path``: vLLM serves the model from that directory and
+    reports it as ``root`` in ``/v1/models``; the store name is content-addressed by the pin, so the
+    same path means the same revision. ``kv_*`` and ``decode_bound_tokens_per_s`` come from the
+    capacity planner (``instances[i].capacity``: ``kv.tokens``, ``kv.num_blocks``, ``kv.block_size``,
+    ``kv.estimate``, ``decode.tokens_per_s_bound``); ``accelerator`` from ``hardware.accelerator``.
+    """
+
+    model_key: str | None = None
+    model_root: str | None = None
+    revision: str | None = None
+    accelerator: str | None = None
+    kv_tokens: int | None = None
+    kv_blocks: int | None = None
+    kv_block_size: int | None = None
+    kv_estimate: bool = False
+    decode_bound_tokens_per_s: float | None = None
+
+    @property
+    def kv_exact(self) -> bool:
+        """The KV figures can be compared exactly: a CPU build with a fixed KV size (no profiling)."""
+        return self.accelerator == "cpu" and not self.kv_estimate
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSpec:
+    """Concurrency 1, 2, 4, … up to ``max_concurrency``, until throughput grows less than ``min_gain``."""
+
+    max_concurrency: int = 64
+    min_gain: float = 0.1
+    requests_per_stream: int = 4  # a level of concurrency c sends max(load.requests, c × this)
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyConfig:
     url: str
     instance: str | None = None
@@ -113,6 +151,15 @@ class VerifyConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     ready_timeout: float = 120.0
     context_probe_output_tokens: int = CONTEXT_PROBE_OUTPUT_TOKENS
+    plan: PlanFacts = field(default_factory=PlanFacts)
+    #: more concurrency levels measured after the target level (``load.concurrency``), reported only
+    extra_levels: tuple[int, ...] = ()
+    sweep: SweepSpec | None = None
+    ladder: bool = True
+    #: other clients may use the server: a counter delta larger than the client's count only warns
+    shared_server: bool = False
+    history_dir: str | None = None
+    regression_tolerance: float = 0.2
 
     def __post_init__(self) -> None:
         try:
@@ -124,6 +171,17 @@ class VerifyConfig:
         ctx = self.targets.min_context_tokens
         if ctx is not None and ctx <= self.context_probe_output_tokens:
             raise VerifyError(f"min_context_tokens must be > {self.context_probe_output_tokens}, got {ctx}")
+        if not 0 <= self.regression_tolerance < 1:
+            raise VerifyError(f"regression tolerance must be >= 0 and < 1, got {self.regression_tolerance}")
+        if self.sweep is not None and not 0 <= self.sweep.min_gain < 10:
+            raise VerifyError(f"sweep minimum gain must be >= 0 and < 10, got {self.sweep.min_gain}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The fixed concurrency levels: the target level first, then the extra ones (no repeats)."""
+        out = [self.load.concurrency]
+        out += [c for c in self.extra_levels if c not in out]
+        return tuple(out)
 
 
 def read_plan(path: str) -> dict[str, Any]:
@@ -157,14 +215,45 @@ def plan_instance(plan: Mapping[str, Any], name: str | None, path: str) -> dict[
     raise VerifyError(f"plan {path} has no instance {name!r} (has: {', '.join(names) or 'none'})")
 
 
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def plan_facts(plan: Mapping[str, Any], inst: Mapping[str, Any]) -> PlanFacts:
+    """The predictions of the plan about one instance; what is missing or malformed stays None."""
+    key = inst.get("model")
+    model = _mapping(_mapping(plan.get("models")).get(key)) if isinstance(key, str) else {}
+    accelerator = _mapping(plan.get("hardware")).get("accelerator")
+    capacity = _mapping(inst.get("capacity"))
+    kv = _mapping(capacity.get("kv"))
+    bound = _mapping(capacity.get("decode")).get("tokens_per_s_bound")
+    root, revision = model.get("store_path"), model.get("revision")
+    return PlanFacts(
+        model_key=key if isinstance(key, str) else None,
+        model_root=root if isinstance(root, str) and root else None,
+        revision=revision if isinstance(revision, str) and revision else None,
+        accelerator=accelerator if isinstance(accelerator, str) else None,
+        kv_tokens=_opt_int(kv.get("tokens")),
+        kv_blocks=_opt_int(kv.get("num_blocks")),
+        kv_block_size=_opt_int(kv.get("block_size")),
+        kv_estimate=kv.get("estimate") is True,
+        decode_bound_tokens_per_s=float(bound) if isinstance(bound, int | float) and not isinstance(bound, bool) and bound > 0 else None,
+    )
+
+
 def config_from_instance(
     inst: Mapping[str, Any],
     *,
     target_overrides: Mapping[str, float | int | None] | None = None,
     load_overrides: Mapping[str, int | None] | None = None,
+    plan: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> VerifyConfig:
-    """A config from one plan instance; overrides that are not None win."""
+    """A config from one plan instance (``plan``: the whole plan, for its predictions); overrides that are not None win."""
     name = inst.get("name")
     where = f"plan instance {name!r}"
     url = inst.get("url")
@@ -187,6 +276,9 @@ def config_from_instance(
         "api_key_env": key_env,
         "targets": Targets.parse(inst.get("targets"), f"{where}.targets").merged(target_overrides or {}),
         "load": LoadSpec.parse(inst.get("load"), f"{where}.load").merged(load_overrides or {}),
+        "plan": plan_facts(plan or {}, inst),
     }
+    if values["targets"].max_regression is not None:
+        values["regression_tolerance"] = values["targets"].max_regression
     values.update({k: v for k, v in overrides.items() if v is not None})
     return VerifyConfig(**values)

@@ -10,7 +10,7 @@ class ExitCode(enum.IntEnum):
 
     OK = 0  # measured, every target met
     ERROR = 1  # could not measure: server down, timeout, 5xx, broken stream, wrong model, bad input
-    TARGET_MISSED = 2  # measured, at least one target missed
+    TARGET_MISSED = 2  # measured, at least one target missed (or a regression against the last good run)
 
 
 class VerifyError(Exception):

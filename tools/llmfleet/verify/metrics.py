@@ -15,10 +15,13 @@ Definitions (vLLM ``benchmarks/lib/endpoint_request_func.py`` and ``benchmarks/s
   more than one output token.
 * **output tokens/s** = Σ output tokens of successful requests ÷ wall time of the load phase
   (first request sent → last request finished). **requests/s** = successful requests ÷ the same.
-* **percentiles**: linear interpolation between closest ranks (numpy's default, as vLLM uses).
+* **percentiles**: p50, p90, p95 (the target's) and p99, by linear interpolation between closest
+  ranks (numpy's default, as vLLM uses).
+* **decode tokens/s per sequence** = 1 ÷ TPOT p50 (what one stream sees once decoding).
 
 A request *failed* when it has an ``error`` (transport error, timeout, non-200, broken or malformed
-stream, no usage): it counts in no latency figure. A request is *cut short* when it succeeded but
+stream, no usage): it counts in no latency figure. Of those, the ones the server *refused* (it
+answered HTTP 4xx: too long, too many, unauthorized) are also counted on their own. A request is *cut short* when it succeeded but
 produced fewer tokens than asked (``finish_reason`` "length" early, or any other early end); it
 counts in the figures, like vLLM, and is reported separately. Nothing is ever dropped.
 """
@@ -28,9 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 #: percentiles reported for every latency distribution
-PERCENTILES = (50.0, 95.0, 99.0)
+PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,12 @@ class RequestResult:
     prompt_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    status: int | None = None  # the HTTP status when the server answered with an error
+
+    @property
+    def refused(self) -> bool:
+        """The server answered the request with a client error (HTTP 4xx: too long, too many, ...)."""
+        return self.error is not None and self.status is not None and 400 <= self.status < 500
 
     @property
     def succeeded(self) -> bool:
@@ -82,6 +92,7 @@ class Distribution:
     count: int
     mean: float
     p50: float
+    p90: float
     p95: float
     p99: float
     max: float
@@ -95,13 +106,14 @@ class Distribution:
             count=len(ordered),
             mean=math.fsum(ordered) / len(ordered),
             p50=percentile(ordered, 50.0),
+            p90=percentile(ordered, 90.0),
             p95=percentile(ordered, 95.0),
             p99=percentile(ordered, 99.0),
             max=ordered[-1],
         )
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"count": self.count, "mean": self.mean, "p50": self.p50, "p95": self.p95, "p99": self.p99, "max": self.max}
+        return {"count": self.count, "mean": self.mean, "p50": self.p50, "p90": self.p90, "p95": self.p95, "p99": self.p99, "max": self.max}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +121,7 @@ class LoadSummary:
     planned: int  # requests the load was to send
     sent: int
     succeeded: int  # no error (cut-short ones included)
-    failed: int
+    failed: int  # an error, refusals included
     cut_short: int
     not_sent: int  # left unsent because a failure stopped the load
     duration_s: float
@@ -121,10 +133,32 @@ class LoadSummary:
     tpot: Distribution | None
     itl: Distribution | None
     e2el: Distribution | None
+    refused: int = 0  # of the failed: the server answered HTTP 4xx
 
     @property
     def complete(self) -> int:
         return self.succeeded - self.cut_short
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as the JSON envelope's ``load`` carries them (distributions in seconds)."""
+        return {
+            "sent": self.sent,
+            "succeeded": self.succeeded,
+            "complete": self.complete,
+            "failed": self.failed,
+            "refused": self.refused,
+            "cut_short": self.cut_short,
+            "not_sent": self.not_sent,
+            "duration_s": self.duration_s,
+            "output_tokens_total": self.output_tokens,
+            "prompt_tokens_total": self.prompt_tokens,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "requests_per_s": self.requests_per_s,
+            "ttft_s": None if self.ttft is None else self.ttft.as_dict(),
+            "tpot_s": None if self.tpot is None else self.tpot.as_dict(),
+            "itl_s": None if self.itl is None else self.itl.as_dict(),
+            "e2el_s": None if self.e2el is None else self.e2el.as_dict(),
+        }
 
 
 def summarize(results: Sequence[RequestResult | None], duration_s: float) -> LoadSummary:
@@ -150,4 +184,5 @@ def summarize(results: Sequence[RequestResult | None], duration_s: float) -> Loa
         tpot=Distribution.of(t for r in ok if (t := r.tpot) is not None),
         itl=Distribution.of(gap for r in ok for gap in r.itl),
         e2el=Distribution.of(r.latency for r in ok if r.latency is not None),
+        refused=sum(1 for r in sent if r.refused),
     )

@@ -31,48 +31,42 @@ except ImportError:  # pragma: no cover - exercised by the stdlib-only subproces
     HAVE_RICH = False
 
 
-def _dist(d: Distribution | None) -> dict[str, Any] | None:
-    return None if d is None else d.as_dict()
+def _plan(out: Outcome) -> dict[str, Any]:
+    p = out.config.plan
+    keys = ("model_key", "model_root", "revision", "accelerator", "kv_tokens", "kv_blocks", "kv_block_size", "decode_bound_tokens_per_s")
+    facts: dict[str, Any] = {k: getattr(p, k) for k in keys if getattr(p, k) is not None}
+    if p.kv_tokens is not None:
+        facts["kv_estimate"] = p.kv_estimate
+    if out.config.plan_max_model_len is not None:
+        facts["max_model_len"] = out.config.plan_max_model_len
+    return facts
 
 
 def envelope(out: Outcome) -> dict[str, Any]:
     cfg = out.config
-    load: dict[str, Any] | None = None
     spec = cfg.load
-    if out.load is not None:
-        s = out.load
-        load = {
-            "concurrency": spec.concurrency,
-            "requests": spec.requests,
-            "prompt_tokens": spec.prompt_tokens,
-            "output_tokens": spec.output_tokens,
-            "sent": s.sent,
-            "succeeded": s.succeeded,
-            "complete": s.complete,
-            "failed": s.failed,
-            "cut_short": s.cut_short,
-            "not_sent": s.not_sent,
-            "duration_s": s.duration_s,
-            "output_tokens_total": s.output_tokens,
-            "prompt_tokens_total": s.prompt_tokens,
-            "output_tokens_per_s": s.output_tokens_per_s,
-            "requests_per_s": s.requests_per_s,
-            "ttft_s": _dist(s.ttft),
-            "tpot_s": _dist(s.tpot),
-            "itl_s": _dist(s.itl),
-            "e2el_s": _dist(s.e2el),
-            "errors": [{"error": e, "count": n} for e, n in out.load_errors],
-        }
+    load: dict[str, Any] | None = None
+    target = out.target_level
+    if target is not None:
+        load = target.as_dict(spec.prompt_tokens, spec.output_tokens)
+        del load["server"]  # in server.load_metrics
     targets = {k: getattr(cfg.targets, k) for k in cfg.targets.__dataclass_fields__ if getattr(cfg.targets, k) is not None}
     return {
         "schema": SCHEMA,
         "ok": out.exit_code == 0,
         "exit_code": int(out.exit_code),
+        "run_id": out.run_id,
         "started_at": out.started_at,
+        "duration_s": round(out.duration_s, 3),
         "instance": {"name": cfg.instance, "url": cfg.url, "model": out.model or cfg.model, "generation": cfg.generation},
         "targets": targets,
+        "plan": _plan(out),
         "checks": [c.as_dict() for c in out.checks],
         "load": load,
+        "levels": [lv.as_dict(spec.prompt_tokens, spec.output_tokens) for lv in out.levels],
+        "sweep": out.sweep,
+        "ladder": out.ladder,
+        "history": out.history,
         "server": out.server,
         "error": out.error,
     }
@@ -93,17 +87,22 @@ def dumps(out: Outcome) -> str:
     return json.dumps(_finite(envelope(out)), indent=2, allow_nan=False, default=str) + "\n"
 
 
-def write_json(out: Outcome, path: str) -> None:
-    """Write the envelope atomically (temp file + rename) so a reader never sees half a file."""
+def write_text(path: str, text: str) -> None:
+    """Write atomically (temp file in the same directory, then rename), mode 0644: a reader never sees half a file."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps(out))
+            f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(out: Outcome, path: str) -> None:
+    write_text(path, dumps(out))
 
 
 def _fmt(v: object) -> str:
@@ -127,23 +126,62 @@ def _rows(out: Outcome) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v * 1000:,.2f}"
+
+
 def _latency_rows(out: Outcome) -> tuple[list[str], list[list[str]]]:
-    head = ["latency (ms)", "mean", "p50", "p95", "p99", "max", "server mean"]
+    head = ["latency (ms)", "mean", "p50", "p90", "p95", "p99", "max", "server mean", "server p50≈", "server p99≈"]
     rows: list[list[str]] = []
-    s = out.load
-    if s is None:
+    lv = out.target_level
+    if lv is None:
         return head, rows
-    hist = out.server.get("load_metrics", {}).get("histograms", {})
-
-    def ms(v: float | None) -> str:
-        return "—" if v is None else f"{v * 1000:,.2f}"
-
+    s = lv.summary
+    hist = lv.server.get("histograms", {})
     for label, key, d in (("TTFT", "ttft_s", s.ttft), ("TPOT", "tpot_s", s.tpot), ("ITL", "itl_s", s.itl), ("E2EL", "e2el_s", s.e2el)):
         if d is None:
             continue
-        server_mean = hist.get(key, {}).get("mean")
-        rows.append([label, *(ms(x) for x in (d.mean, d.p50, d.p95, d.p99, d.max)), ms(server_mean)])
+        h = hist.get(key, {})
+        server = (h.get("mean"), h.get("p50_estimate"), h.get("p99_estimate"))
+        rows.append([label, *(_ms(x) for x in (d.mean, d.p50, d.p90, d.p95, d.p99, d.max)), *(_ms(x) for x in server)])
     return head, rows
+
+
+def _level_rows(out: Outcome) -> tuple[list[str], list[list[str]]]:
+    head = ["concurrency", "phase", "requests", "output tok/s", "req/s"]
+    head += ["TTFT p50", "TTFT p99", "TPOT p50", "ITL p99", "E2EL p50", "client CPU"]
+    rows: list[list[str]] = []
+    if len(out.levels) < 2:
+        return head, rows
+    for lv in sorted(out.levels, key=lambda x: x.concurrency):
+        s = lv.summary
+
+        def p(d: Distribution | None, q: str) -> str:
+            return "—" if d is None else _ms(getattr(d, q))
+
+        rows.append([
+            str(lv.concurrency), lv.phase, f"{s.complete}/{s.planned}", f"{s.output_tokens_per_s:,.1f}", f"{s.requests_per_s:.3g}",
+            p(s.ttft, "p50"), p(s.ttft, "p99"), p(s.tpot, "p50"), p(s.itl, "p99"), p(s.e2el, "p50"), f"{lv.client_cpu_share:.0%}",
+        ])  # fmt: skip
+    return head, rows
+
+
+def _ladder_line(out: Outcome) -> str | None:
+    if not out.ladder:
+        return None
+    parts = []
+    for r in sorted(out.ladder, key=lambda x: x["prompt_tokens"]):
+        if r["status"] == 200:
+            parts.append(f"{r['prompt_tokens']} ok {r['latency_s']:.3g} s")
+        else:
+            parts.append(f"{r['prompt_tokens']} {'HTTP ' + str(r['status']) if r['status'] else 'no answer'}")
+    return "context ladder (prompt tokens, 1 output token): " + ", ".join(parts)
+
+
+LEGEND = (
+    "TTFT: request sent → first content chunk · TPOT: (E2EL − TTFT) ÷ (output tokens − 1) · ITL: gaps between content chunks · "
+    "E2EL: sent → last content chunk (vLLM's bench definitions; tokens from usage) · server ≈: from vLLM's histograms"
+)
 
 
 def _summary_lines(out: Outcome) -> list[str]:
@@ -158,7 +196,17 @@ def _summary_lines(out: Outcome) -> list[str]:
         lines.append(
             f"load: {s.planned} requests × ({spec.prompt_tokens} prompt + {spec.output_tokens} output tokens), "
             f"concurrency {spec.concurrency}, {s.duration_s:.2f} s: {s.output_tokens_per_s:,.1f} output tokens/s, "
-            f"{s.requests_per_s:.3g} requests/s; {s.complete} complete, {s.cut_short} cut short, {s.failed} failed, {s.not_sent} not sent"
+            f"{s.requests_per_s:.3g} requests/s; {s.complete} complete, {s.cut_short} cut short, {s.failed} failed "
+            f"({s.refused} refused), {s.not_sent} not sent"
+        )
+    ladder = _ladder_line(out)
+    if ladder:
+        lines.append(ladder)
+    if out.sweep:
+        sw = out.sweep
+        lines.append(
+            f"sweep: concurrency {', '.join(map(str, sw['levels']))}; throughput stops growing at {sw['knee_concurrency']} "
+            f"({sw['knee_output_tokens_per_s']:,.1f} output tokens/s, peak {sw['peak_output_tokens_per_s']:,.1f}); {sw['stopped']}"
         )
     return lines
 
@@ -174,9 +222,10 @@ def render_human(out: Outcome, stream: TextIO | None = None, *, use_rich: bool |
     stream = stream or sys.stdout
     rich_ok = HAVE_RICH if use_rich is None else use_rich and HAVE_RICH
     head, rows = _rows(out)
-    lat_head, lat_rows = _latency_rows(out)
+    tables = [t for t in (_latency_rows(out), _level_rows(out)) if t[1]]
     verdict = {0: "all targets met", 1: "could not measure", 2: "target missed"}[int(out.exit_code)]
     final = f"result: {verdict} (exit {int(out.exit_code)})" + (f": {out.error}" if out.error else "")
+    legend = LEGEND if out.load is not None else None
     if rich_ok:
         # logs (Ansible, CI) are not terminals: do not wrap the table at 80 columns there
         console = Console(file=stream, highlight=False, width=None if stream.isatty() else 160)
@@ -189,24 +238,28 @@ def render_human(out: Outcome, stream: TextIO | None = None, *, use_rich: bool |
         for r in rows:
             table.add_row(*r[:3], f"[{styles.get(r[3], '')}]{r[3]}[/]", r[4])
         console.print(table)
-        if lat_rows:
-            lat = Table(box=box.SIMPLE)
-            for h in lat_head:
-                lat.add_column(h, justify="left" if h.startswith("latency") else "right")
-            for r in lat_rows:
-                lat.add_row(*r)
-            console.print(lat)
+        for t_head, t_rows in tables:
+            t = Table(box=box.SIMPLE)
+            for i, h in enumerate(t_head):
+                t.add_column(h, justify="left" if i == 0 else "right")
+            for r in t_rows:
+                t.add_row(*r)
+            console.print(t)
+        if legend:
+            console.print(legend, style="dim", markup=False)
         console.print(final, style="green" if out.exit_code == 0 else "bold red", markup=False)
         return
     parts = ["\n".join(_summary_lines(out)), "", _plain_table(head, rows)]
-    if lat_rows:
-        parts += ["", _plain_table(lat_head, lat_rows)]
+    for t_head, t_rows in tables:
+        parts += ["", _plain_table(t_head, t_rows)]
+    if legend:
+        parts += ["", legend]
     parts += ["", final]
     stream.write("\n".join(parts) + "\n")
 
 
 class NullProgress:
-    def start(self, total: int) -> None:
+    def start(self, total: int, label: str = "load") -> None:
         pass
 
     def advance(self, result: RequestResult) -> None:
@@ -217,11 +270,11 @@ class NullProgress:
 
 
 class RichProgress:
-    """A transient bar on stderr while the load runs."""
+    """A transient bar on stderr for each long step (ladder, each load level)."""
 
     def __init__(self) -> None:
         self._progress = Progress(
-            TextColumn("load"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
@@ -233,9 +286,10 @@ class RichProgress:
         self._tokens = 0
         self._bad = 0
 
-    def start(self, total: int) -> None:
+    def start(self, total: int, label: str = "load") -> None:
+        self._tokens = self._bad = 0
         self._progress.start()
-        self._task = self._progress.add_task("load", total=total, detail="")
+        self._task = self._progress.add_task(label, total=total, detail="")
 
     def advance(self, result: RequestResult) -> None:
         self._tokens += result.output_tokens or 0
@@ -244,6 +298,9 @@ class RichProgress:
         self._progress.update(self._task, advance=1, detail=detail)
 
     def stop(self) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
         self._progress.stop()
 
 
