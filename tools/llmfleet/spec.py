@@ -102,6 +102,8 @@ class Targets(_Model):
     max_ttft_p95_s: Annotated[float, Field(gt=0)] | None = None
     min_context_tokens: Annotated[int, Field(ge=1)] | None = None
     min_kv_cache_tokens: Annotated[int, Field(ge=1)] | None = None
+    #: the largest worsening of throughput or TPOT against the last passing run (fraction; verify's default 0.2)
+    max_regression: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
 class Load(_Model):
