@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -226,10 +228,14 @@ def test_planner_kv_equals_vllm(
     runtime_venv: Path,
     tmp_path_factory: pytest.TempPathFactory,
     agreement_rows: list[dict[str, Any]],
+    request: pytest.FixtureRequest,
 ) -> None:
     spec = v.spec
     model_dir, model_pin = _model(spec, tmp_path_factory.getbasetemp())
-    root = tmp_path_factory.mktemp(f"root-{v.name}")
+    # A short root: vLLM puts ZMQ IPC sockets under the state dir, and a socket path may not pass
+    # 107 bytes (pytest's own tmp paths grow with the run count and once broke the pp=2 start).
+    root = Path(tempfile.mkdtemp(prefix="llmf-kv-"))
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     plan = _plan(v, lock, runtime_key, model_pin, root, _free_port())
     kv = plan["instances"][0]["capacity"]["kv"]
     labels, started = _serve_and_scrape(plan, runtime_venv, model_dir, root / "vllm.log")
