@@ -36,6 +36,19 @@ def _number(value: object, where: str, *, integer: bool, minimum: float, exclusi
     return value
 
 
+def _known_mapping(cls: type, raw: object, where: str, noun: str) -> Mapping[str, Any]:
+    """``raw`` as a mapping whose keys are all fields of the dataclass ``cls`` (None: empty)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise VerifyError(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise VerifyError(f"{where}: unknown {noun} {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class Targets:
     """What the live instance must show (plan instance ``targets``)."""
@@ -49,14 +62,7 @@ class Targets:
 
     @classmethod
     def parse(cls, raw: object, where: str) -> Targets:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping):
-            raise VerifyError(f"{where} must be a mapping, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise VerifyError(f"{where}: unknown target {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raw = _known_mapping(cls, raw, where, "target")
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if value is None:
@@ -83,14 +89,7 @@ class LoadSpec:
 
     @classmethod
     def parse(cls, raw: object, where: str) -> LoadSpec:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping):
-            raise VerifyError(f"{where} must be a mapping, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise VerifyError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raw = _known_mapping(cls, raw, where, "key")
         values = {k: int(_number(v, f"{where}.{k}", integer=True, minimum=1)) for k, v in raw.items()}
         return cls(**values)
 
