@@ -359,3 +359,19 @@ def test_host_cgroups_are_below_our_own_cgroup_and_named_after_the_host() -> Non
     assert lab.host_cgroups("lab2", unified_only, "0::/user.slice/session-1.scope\n") == [
         Path("/sys/fs/cgroup/user.slice/session-1.scope/llmfleet-lab/lab2")
     ]
+
+
+def test_down_of_one_inventory_leaves_hosts_another_inventory_booted(tmp_path: Path) -> None:
+    paths = lab.LabPaths(repo=tmp_path / "repo", cache=tmp_path / "cache")
+    paths.run.mkdir(parents=True)
+    small, fleet = tmp_path / "lab.yml", tmp_path / "fleet.yml"
+    small.write_text("lab:\n  hosts:\n    lab1: {ansible_host: 10.213.0.11}\n")
+    fleet.write_text("lab:\n  hosts:\n    fl1: {ansible_host: 10.213.0.21}\n")
+    lab.record_host(paths, Host("lab1", ip("10.213.0.11")), small)
+    lab.record_host(paths, Host("old", ip("10.213.0.13")), small)  # dropped from the inventory since
+    lab.record_host(paths, Host("fl1", ip("10.213.0.21")), fleet)
+    for name in ("lab1", "old", "fl1", "orphan"):  # orphan: booted before records existed
+        paths.pidfile(name).write_text("1\n")
+    assert lab._known_host_names(small, paths) == ["lab1", "old", "orphan"]
+    assert lab._known_host_names(fleet, paths) == ["fl1", "orphan"]
+    assert [h.name for h in lab.recorded_hosts(paths)] == ["fl1", "lab1", "old"]

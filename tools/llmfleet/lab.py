@@ -980,7 +980,9 @@ def cmd_up(args: argparse.Namespace, paths: LabPaths, console: Console) -> ExitC
         for directory in (paths.run, paths.logs, paths.machines, paths.wheelhouse):
             directory.mkdir(parents=True, exist_ok=True)
         ensure_ssh_key(paths)
-        write_file(paths.lab, "ssh_config", render_ssh_config(hosts, paths.key))
+        for host in hosts:
+            record_host(paths, host, args.inventory)
+        write_file(paths.lab, "ssh_config", render_ssh_config(recorded_hosts(paths), paths.key))
         running = {h.name: find_nspawn(paths.machine(h.name), paths.pidfile(h.name)) for h in hosts}
         if args.fresh:
             _wipe_hosts(hosts, running, paths, console)
@@ -1040,11 +1042,41 @@ def cmd_down(args: argparse.Namespace, paths: LabPaths, console: Console) -> Exi
 
 
 def _known_host_names(inventory: Path, paths: LabPaths) -> list[str]:
-    """Hosts of the inventory plus any the lab still has a pidfile for (the inventory may have changed)."""
+    """Hosts of the inventory plus those this inventory booted earlier (it may have changed since).
+
+    Hosts booted from another inventory (the lab fleet beside the two-host lab, a molecule scenario)
+    are left alone: several inventories share one lab.
+    """
     names = [host.name for host in load_inventory(inventory)] if inventory.exists() else []
     if paths.run.is_dir():
-        names += sorted(p.stem for p in paths.run.glob("*.pid") if p.stem not in names)
+        owner = str(inventory.absolute())
+        for pidfile in sorted(paths.run.glob("*.pid")):
+            record = _read_record(paths, pidfile.stem)
+            if pidfile.stem not in names and record.get("inventory", owner) == owner:
+                names.append(pidfile.stem)
     return names
+
+
+def record_host(paths: LabPaths, host: Host, inventory: Path) -> None:
+    """Remember which inventory booted a host and its address (ssh_config covers every booted host)."""
+    doc = {"inventory": str(inventory.absolute()), "ip": str(host.ip)}
+    write_file(paths.run, f"{host.name}.json", json.dumps(doc, sort_keys=True) + "\n")
+
+
+def _read_record(paths: LabPaths, name: str) -> dict[str, Any]:
+    try:
+        doc = json.loads((paths.run / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def recorded_hosts(paths: LabPaths) -> list[Host]:
+    hosts = []
+    for record in sorted(paths.run.glob("*.json")) if paths.run.is_dir() else []:
+        with contextlib.suppress(KeyError, ValueError):
+            hosts.append(Host(record.stem, ipaddress.IPv4Address(_read_record(paths, record.stem)["ip"])))
+    return hosts
 
 
 def _down_host(name: str, paths: LabPaths, console: Console) -> int:
@@ -1058,10 +1090,19 @@ def _down_host(name: str, paths: LabPaths, console: Console) -> int:
         console.print(f"{name}: removed {what}")
         changes += 1
     paths.pidfile(name).unlink(missing_ok=True)
+    (paths.run / f"{name}.json").unlink(missing_ok=True)
     return changes
 
 
+def _bridge_ports() -> list[str]:
+    links = json.loads(run(["ip", "-j", "link", "show", "master", BRIDGE], check=False).stdout or "[]")
+    return [str(link.get("ifname")) for link in links]
+
+
 def _remove_network(paths: LabPaths) -> list[str]:
+    """The bridge and NAT go with the last host: hosts of other inventories may still use them."""
+    if _link_exists(BRIDGE) and _bridge_ports():
+        return []
     removed = []
     if _link_exists(BRIDGE):
         run(["ip", "link", "del", BRIDGE])
