@@ -19,7 +19,7 @@ NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
 ENGINE_ARG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 SPEC_PREFIX = "llmfleet_"
 #: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
-NOT_SPEC = frozenset({"llmfleet_plan"})
+NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report"})  # facts the playbooks set, not spec
 
 #: variables (without prefix) that are renamed or removed, with what to use instead
 RENAMED_HOST_VARS: dict[str, str] = {

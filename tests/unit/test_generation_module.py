@@ -1,0 +1,179 @@
+"""The generations module (roles/vllm_service/library/llmfleet_generation.py) on host-like trees."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location(
+    "llmfleet_generation", REPO / "roles" / "vllm_service" / "library" / "llmfleet_generation.py"
+)
+assert SPEC and SPEC.loader
+gen = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gen)
+
+A, B, C, D = "a" * 24, "b" * 24, "c" * 24, "d" * 24
+
+
+def params(root: Path, action: str, **kw: Any) -> dict[str, Any]:
+    base = {"action": action, "root": str(root), "generation": None, "reason": "rollout", "keep": 3, "store_dir": None}
+    return {**base, **kw}
+
+
+def store_path(root: Path, name: str) -> Path:
+    path = root / "store" / name
+    path.mkdir(parents=True)
+    (path / ".llmfleet-complete").write_text(json.dumps({"name": name}))
+    (path / "weights").write_text(name)
+    path.chmod(0o555)  # store paths are read-only trees
+    return path
+
+
+def render(root: Path, gid: str, runtime: Path, models: list[Path], unit: str = "[Service]\n") -> None:
+    d = root / "generations" / gid
+    (d / "instances" / "tiny").mkdir(parents=True)
+    (d / "units").mkdir()
+    (d / "plan.json").write_text(json.dumps({"generation": gid}))
+    (d / "units" / "llmfleet-vllm@.service").write_text(unit)
+    (d / "instances" / "tiny" / "env").write_text("A='1'\n")
+    out = gen.run(
+        params(root, "seal", generation=gid, host="h", instances={"tiny": "0" * 32},
+               runtime_store_path=str(runtime), model_store_paths=[str(m) for m in models]),
+        check=False,
+    )
+    assert out["changed"]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    root = tmp_path / "llmfleet"
+    rt1, rt2 = store_path(root, "r1-vllm"), store_path(root, "r2-vllm")
+    m1, m2 = store_path(root, "m1-tiny"), store_path(root, "m2-tiny")
+    store_path(root, "orphan-model")
+    render(root, A, rt1, [m1])
+    render(root, B, rt1, [m2])
+    render(root, C, rt2, [m2])
+    render(root, D, rt2, [m2], unit="[Service]\nX=1\n")
+    return root
+
+
+def switch(root: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
+    return gen.run(params(root, "switch", generation=gid, reason=reason), check=False)
+
+
+def test_seal_hashes_every_file_and_store_marker(host: Path) -> None:
+    manifest = json.loads((host / "generations" / A / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"plan.json", "units/llmfleet-vllm@.service", "instances/tiny/env"}
+    assert manifest["files"]["instances/tiny/env"] == gen.sha256_file(str(host / "generations" / A / "instances/tiny/env"))
+    assert [(e["kind"], os.path.basename(e["path"])) for e in manifest["store_paths"]] == [("model", "m1-tiny"), ("runtime", "r1-vllm")]
+    # same inputs, same manifest: sealing again changes nothing
+    again = gen.run(params(host, "seal", generation=A, host="h", instances={"tiny": "0" * 32},
+                           runtime_store_path=str(host / "store/r1-vllm"), model_store_paths=[str(host / "store/m1-tiny")]), False)
+    assert not again["changed"]
+
+
+def test_seal_refuses_an_incomplete_store_path(host: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "half"
+    partial.mkdir()
+    with pytest.raises(gen.GenerationError, match="not complete"):
+        gen.run(params(host, "seal", generation=A, runtime_store_path=str(partial)), False)
+
+
+def test_switch_is_atomic_numbered_and_idempotent(host: Path) -> None:
+    first = switch(host, A)
+    assert first["changed"] and first["previous"] is None and first["number"] == 1
+    assert os.readlink(host / "current") == f"generations/{A}"
+    second = switch(host, B)
+    assert second["previous"] == A and second["number"] == 2
+    assert not switch(host, B)["changed"]
+    history = json.loads((host / "history.json").read_text())["entries"]
+    assert [(e["n"], e["generation"], e["from"]) for e in history] == [(1, A, None), (2, B, A)]
+    assert not list(host.glob(".current.*"))
+
+
+def test_switch_refuses_an_unsealed_generation(host: Path) -> None:
+    (host / "generations" / A / "manifest.json").unlink()
+    with pytest.raises(gen.GenerationError, match="not complete"):
+        switch(host, A)
+    assert not (host / "current").exists()
+
+
+def test_check_mode_switch_changes_nothing(host: Path) -> None:
+    switch(host, A)
+    out = gen.run(params(host, "switch", generation=B), check=True)
+    assert out["changed"] and os.readlink(host / "current") == f"generations/{A}"
+
+
+def test_previous_skips_failed_generations(host: Path) -> None:
+    for g in (A, B, C):
+        switch(host, g)
+    gen.run(params(host, "mark", generation=B, verdict="failed", reason="verify"), False)
+    status = gen.run(params(host, "status", to="previous"), False)
+    assert status["current"] == C and status["target"] == A
+    assert {g["id"]: g["failed"] for g in status["generations"]}[B]
+
+
+def test_rollback_target_by_number_and_by_id_prefix(host: Path) -> None:
+    for g in (A, B, C):
+        switch(host, g)
+    assert gen.run(params(host, "status", to="1"), False)["target"] == A
+    assert gen.run(params(host, "status", to=B[:8]), False)["target"] == B
+    with pytest.raises(gen.GenerationError, match=r"no switch numbered 9 .*valid: 1, 2, 3"):
+        gen.run(params(host, "status", to="9"), False)
+    with pytest.raises(gen.GenerationError, match="no generation matches"):
+        gen.run(params(host, "status", to="e" * 8), False)
+
+
+def test_no_previous_on_a_first_rollout(host: Path) -> None:
+    switch(host, A)
+    with pytest.raises(gen.GenerationError, match="no previous generation"):
+        gen.run(params(host, "status", to="previous"), False)
+
+
+def test_mark_keeps_one_verdict(host: Path) -> None:
+    gen.run(params(host, "mark", generation=A, verdict="failed", reason="x"), False)
+    gen.run(params(host, "mark", generation=A, verdict="verified", detail={"ok": True}), False)
+    assert (host / "generations" / A / "verified.json").exists()
+    assert not (host / "generations" / A / "failed.json").exists()
+
+
+def test_gc_keeps_the_last_k_and_every_path_they_need(host: Path) -> None:
+    for g in (A, B, C, D):
+        switch(host, g)
+    plan = gen.run(params(host, "gc", keep=2), check=True)
+    assert plan["kept_generations"] == [D, C]
+    assert sorted(plan["removed_generations"]) == [A, B]
+    assert sorted(os.path.basename(p) for p in plan["removed_store_paths"]) == ["m1-tiny", "orphan-model", "r1-vllm"]
+    assert (host / "generations" / A).exists()  # check mode removed nothing
+    gen.run(params(host, "gc", keep=2), check=False)
+    assert sorted(p.name for p in (host / "generations").iterdir()) == sorted([C, D])
+    assert sorted(p.name for p in (host / "store").iterdir()) == ["m2-tiny", "r2-vllm"]
+    # every kept generation can still be switched to
+    assert switch(host, C)["changed"] and switch(host, D)["changed"]
+    assert not gen.run(params(host, "gc", keep=2), check=False)["changed"]
+
+
+def test_gc_never_guesses_when_a_kept_manifest_is_unreadable(host: Path) -> None:
+    for g in (A, B):
+        switch(host, g)
+    (host / "generations" / A / "manifest.json").write_text("{not json")
+    with pytest.raises(gen.GenerationError, match="not readable JSON"):
+        gen.run(params(host, "gc", keep=2), False)
+    assert (host / "store" / "orphan-model").exists()
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_gc_refuses_keep_below_one(host: Path, keep: int) -> None:
+    with pytest.raises(gen.GenerationError, match=r"keep = .*expected a whole number >= 1"):
+        gen.run(params(host, "gc", keep=keep), False)
+
+
+def test_bad_generation_id_is_named(host: Path) -> None:
+    with pytest.raises(gen.GenerationError, match=r"generation '\.\./etc' is not a generation id"):
+        switch(host, "../etc")
