@@ -64,7 +64,7 @@ plan: venv
 test: setup fetch lint unit integration molecule
 
 lint: venv
-	$(BIN)/ruff check tools tests plugins library bench
+	$(BIN)/ruff check tools tests plugins library bench roles/*/library callback_plugins
 	$(BIN)/mypy
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint
