@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     OK = 0  #: everything valid / every target met
     ERROR = 1  #: could not do the work (missing file, unreadable input, unreachable)
     REFUSED = 2  #: the input was read and refused (invalid spec, target missed)
+    DRIFT = 3  #: the hosts were read and differ from their plan
 
 
 def run(main: Callable[[], int], *, json_mode: Callable[[], bool] = lambda: False) -> int:
