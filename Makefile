@@ -18,7 +18,7 @@ INVENTORY ?= inventory/lab
 # Debian packages the control node needs for the lab (nspawn hosts, their network, debootstrap)
 HOST_PACKAGES := systemd-container debootstrap iptables iproute2 openssh-client
 
-.PHONY: help lab setup host-packages venv fetch lab-up lab-down deploy plan test lint unit integration molecule clean
+.PHONY: help lab setup host-packages venv fetch lab-up lab-down deploy plan test lint unit integration molecule fleet clean
 
 help:
 	@echo "make lab    set up this machine, fetch the pinned artifacts, boot the lab hosts and roll them out"
@@ -61,7 +61,7 @@ plan: venv
 	$(BIN)/python tools/plan.py -i $(INVENTORY)
 
 ## The README's second command (and .ci/run): lint, unit tests, the lab scenario.
-test: setup fetch lint unit integration molecule
+test: setup fetch lint unit integration molecule fleet
 
 lint: venv
 	$(BIN)/ruff check tools tests plugins library bench roles/*/library callback_plugins
@@ -78,6 +78,9 @@ integration: venv fetch
 
 molecule: venv
 	$(BIN)/molecule test -s lab
+
+fleet: venv fetch
+	$(BIN)/python -m pytest tests/fleet -m fleet
 
 clean:
 	rm -rf $(VENV) .lab .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,294 @@
+"""The lab fleet: four nspawn hosts (inventory/lab-fleet) rolled out with site.yml, then broken on purpose.
+
+The session boots the fleet once (``tools/lab.py up --fresh``), rolls it out, runs the scenarios of
+test_fleet.py in order (each starts from the state the one before left) and stops the hosts.
+Figures (wall times, downtime) are printed in the terminal summary and written to
+``out/fleet/figures.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+INVENTORY = REPO / "inventory" / "lab-fleet"
+HOSTS_FILE = INVENTORY / "hosts.yml"
+HOSTS = ("fl1", "fl2", "fl3", "fl4")
+LAB_DIR = Path(os.environ.get("LLMFLEET_LAB_DIR") or REPO / ".lab")
+CACHE = Path(os.environ.get("LLMFLEET_CACHE") or Path.home() / ".cache" / "llmfleet")
+OUT = REPO / "out" / "fleet"
+ROOT = "/var/lib/llmfleet"
+MODEL = "tiny-llama"
+
+#: name -> value, printed at the end of the session and written to out/fleet/figures.json
+FIGURES: dict[str, Any] = {}
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    rc: int
+    output: str
+    wall_s: float
+    summary: dict[str, Any] | None = None
+
+    def host_summary(self, host: str) -> dict[str, Any]:
+        assert self.summary is not None, "the run wrote no summary.json"
+        return dict(self.summary["hosts"][host])
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = dict(os.environ)
+    base.update(
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        LLMFLEET_LAB_DIR=str(LAB_DIR),
+        LLMFLEET_CACHE=str(CACHE),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        PATH=f"{BIN}:{base.get('PATH', '')}",
+    )
+    base.update(extra)
+    return base
+
+
+_RUNS = 0
+
+
+def playbook(playbook: str, *args: str, lock: Path | None = None, timeout: float = 1800, **extra_env: str) -> Run:
+    """Run one playbook on the fleet; its output goes to out/fleet/runs/NN-<name>.log."""
+    global _RUNS
+    _RUNS += 1
+    run_dir = OUT / "runs" / f"{_RUNS:02d}-{Path(playbook).stem}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    argv = [str(BIN / "ansible-playbook"), "-i", str(INVENTORY), str(REPO / playbook), *args]
+    extra = dict(extra_env, LLMFLEET_RUN_DIR=str(run_dir))
+    if lock is not None:
+        extra["LLMFLEET_LOCK"] = str(lock)
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout, check=False)
+    wall = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    (run_dir / "ansible.log").write_text(" ".join(argv) + "\n\n" + output)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    return Run(argv, proc.returncode, output, wall, summary)
+
+
+def ssh(host: str, command: str, check: bool = True) -> str:
+    proc = subprocess.run(
+        ["ssh", "-F", str(LAB_DIR / "ssh_config"), host, command], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ssh {host} {command!r}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def machine_path(host: str, path: str) -> Path:
+    """A path inside a lab host, read from the control node (the host's machine root)."""
+    return LAB_DIR / "machines" / host / path.lstrip("/")
+
+
+def current(host: str) -> str:
+    return os.path.basename(os.readlink(machine_path(host, f"{ROOT}/current")))
+
+
+def generations(host: str) -> set[str]:
+    return {p.name for p in machine_path(host, f"{ROOT}/generations").iterdir()}
+
+
+def history(host: str) -> list[dict[str, Any]]:
+    return list(json.loads(machine_path(host, f"{ROOT}/history.json").read_text())["entries"])
+
+
+def health(host: str, port: int = 8000) -> int | None:
+    """GET /health from inside the host's network namespace (vLLM listens on its loopback)."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", f"llmf-{host}", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5",
+         f"http://127.0.0.1:{port}/health"],
+        capture_output=True, text=True, check=False,
+    )
+    return int(proc.stdout) if proc.stdout.strip().isdigit() and proc.stdout.strip() != "000" else None
+
+
+def served_root(host: str, port: int = 8000) -> str:
+    proc = subprocess.run(
+        ["ip", "netns", "exec", f"llmf-{host}", "curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/v1/models"],
+        capture_output=True, text=True, check=True,
+    )
+    return str(json.loads(proc.stdout)["data"][0]["root"])
+
+
+POLLER = r"""
+import sys, time, urllib.request
+url, last = sys.argv[1], None
+while True:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            ok = r.status == 200
+    except Exception:
+        ok = False
+    if ok != last:
+        print(f"{time.monotonic():.3f} {int(ok)}", flush=True)
+        last = ok
+    time.sleep(0.02)
+"""
+
+
+class Downtime:
+    """Polls a host's /health every 20 ms from inside its network namespace; the longest time it was not 200."""
+
+    def __init__(self, host: str, port: int = 8000) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", f"llmf-{host}", sys.executable, "-u", "-c", POLLER, f"http://127.0.0.1:{port}/health"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.events: list[tuple[float, bool]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 10
+        while not self.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            t, ok = line.split()
+            self.events.append((float(t), ok == "1"))
+
+    def stop(self) -> float:
+        end = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+        longest, down_since = 0.0, None
+        for t, ok in self.events:
+            if not ok and down_since is None:
+                down_since = t
+            elif ok and down_since is not None:
+                longest, down_since = max(longest, t - down_since), None
+        if down_since is not None:
+            longest = max(longest, end - down_since)
+        return round(longest, 2)
+
+
+# --- pins: variants of the tiny model's pin, as a new upstream revision would bring -------------
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Variant:
+    """A lock whose tiny-llama pin points at changed files, and the mirror (models dir) holding them."""
+
+    lock: Path
+    models: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def extra_vars(self) -> list[str]:
+        return ["-e", f"model_store_source_dir={self.models}"]
+
+    def store_path(self) -> str:
+        from llmfleet.pins import load_lock, model_store_name
+
+        return f"{ROOT}/store/{model_store_name(MODEL, load_lock(self.lock).models[MODEL])}"
+
+
+def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
+    """Copy the tiny model, change it, pin the result (sha256 and size of every file) in a copy of the lock."""
+    models = base / name / "models"
+    model_dir = models / MODEL
+    shutil.copytree(CACHE / "models" / MODEL, model_dir)
+    change(model_dir)
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    doc = json.loads((REPO / "pins" / "lock.json").read_text())
+    pin = doc["models"][MODEL]
+    pin["files"] = [{"path": str(p.relative_to(model_dir)), "sha256": sha256(p), "size": p.stat().st_size} for p in files]
+    pin["revision"] = hashlib.sha256(json.dumps(pin["files"], sort_keys=True).encode()).hexdigest()
+    pin["notes"] = f"test variant {name} of the tiny model (tests/fleet)"
+    lock = base / name / "lock.json"
+    lock.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return Variant(lock, models, {str(p.relative_to(model_dir)): p for p in files})
+
+
+def edit_json(path: Path, **changes: Any) -> None:
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+# --- the session ----------------------------------------------------------------------------------
+
+
+def lab(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "lab.py"), *args, "-i", str(HOSTS_FILE)],
+        cwd=REPO, env=env(), capture_output=True, text=True, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Generator[Run, None, None]:
+    """The four hosts booted fresh and rolled out once (every host in one batch: the first install)."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab fleet needs root (systemd-nspawn, network namespaces)")
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    up = lab("up", "--fresh")
+    if up.returncode != 0:
+        pytest.fail(f"tools/lab.py up failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
+    try:
+        first = playbook("site.yml", "-e", '{"rollout_batches": ["100%"]}')
+        if first.rc != 0:
+            pytest.fail(f"the first rollout of the fleet failed (exit {first.rc}):\n{first.output[-6000:]}", pytrace=False)
+        FIGURES["first rollout, 4 hosts in one batch (runtime build included), s"] = round(first.wall_s, 1)
+        yield first
+    finally:
+        down = lab("down")
+        if down.returncode != 0:
+            print(f"tools/lab.py down failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fleet")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
+    terminalreporter.section("lab fleet figures")
+    width = max(len(k) for k in FIGURES)
+    for key, value in FIGURES.items():
+        terminalreporter.write_line(f"{key:<{width}}  {value}")
+    terminalreporter.write_line(f"(written to {OUT / 'figures.json'})")
+
+
+def assert_serving(hosts: Sequence[str], generation: dict[str, str] | str) -> None:
+    for host in hosts:
+        want = generation if isinstance(generation, str) else generation[host]
+        assert current(host) == want, f"{host} runs {current(host)}, expected {want}"
+        assert health(host) == 200, f"{host} does not answer /health with 200"

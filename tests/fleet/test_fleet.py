@@ -1,0 +1,295 @@
+"""Fleet rollout on the lab fleet: batches, gates, rollback, faults, drift and gc (issues 5 and 7).
+
+The scenarios run in file order on one fleet; each starts from the state the previous one left:
+G0 is the lock's tiny model, G2 and G4 are new pins of it (changed generation_config, extra file),
+"broken" a pin vLLM cannot load (config.json disagrees with the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import (
+    FIGURES,
+    HOSTS,
+    INVENTORY,
+    REPO,
+    ROOT,
+    Downtime,
+    Run,
+    Variant,
+    assert_serving,
+    current,
+    edit_json,
+    env,
+    generations,
+    health,
+    history,
+    machine_path,
+    playbook,
+    served_root,
+    ssh,
+    variant,
+)
+
+pytestmark = pytest.mark.fleet
+
+STATE: dict[str, Any] = {}
+RECAP = re.compile(r"^(fl\d)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+
+
+def planned(lock: Path | None = None, inventory: Path = INVENTORY) -> dict[str, str]:
+    extra = {"LLMFLEET_LOCK": str(lock)} if lock else {}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plan.py"), "-i", str(inventory), "--json"],
+        cwd=REPO, env=env(**extra), capture_output=True, text=True, check=False,
+    )
+    doc = json.loads(proc.stdout)
+    assert doc["ok"], doc
+    return {host: plan["generation"] for host, plan in doc["plans"].items()}
+
+
+def recap(run: Run) -> dict[str, dict[str, int]]:
+    return {m[0]: {"ok": int(m[1]), "changed": int(m[2]), "unreachable": int(m[3]), "failed": int(m[4])} for m in RECAP.findall(run.output)}
+
+
+def per_host_seconds(run: Run) -> dict[str, Any]:
+    if not run.summary:
+        return {}
+    return {h: v.get("seconds") for h, v in sorted(run.summary["hosts"].items())}
+
+
+def test_first_rollout_serves_the_planned_generation_everywhere(fleet: Run) -> None:
+    g0 = planned()
+    STATE["G0"] = g0
+    assert_serving(HOSTS, g0)
+    for host in HOSTS:
+        assert [e["generation"] for e in history(host)] == [g0[host]]
+        assert machine_path(host, f"{ROOT}/generations/{g0[host]}/verified.json").is_file()
+        assert fleet.host_summary(host)["verify"] == "passed"
+        assert fleet.host_summary(host)["generation_after"] == g0[host]
+
+
+def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
+    run = playbook("site.yml")
+    assert run.rc == 0, run.output[-4000:]
+    counts = recap(run)
+    assert set(counts) == set(HOSTS)
+    assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), counts
+    assert_serving(HOSTS, STATE["G0"])
+    for host in HOSTS:
+        summary = run.host_summary(host)
+        assert summary["verify"] == "skipped" and not summary.get("switched")
+    FIGURES["no-change rollout of the converged fleet (batches 1, 25 %, 100 %), s"] = round(run.wall_s, 1)
+    FIGURES["no-change rollout, per host, s"] = per_host_seconds(run)
+
+
+def test_check_diff_on_the_converged_fleet_reports_no_change() -> None:
+    run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}')
+    assert run.rc == 0, run.output[-4000:]
+    assert all(c["changed"] == 0 for c in recap(run).values()), recap(run)
+
+
+def drift(*args: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "drift.py"), "-i", str(INVENTORY), "--json", *args],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300, check=False,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_drift_names_a_changed_unit_and_the_switch_repairs_it() -> None:
+    rc, doc = drift()
+    assert rc == 0, doc
+    unit = machine_path("fl4", "/etc/systemd/system/llmfleet-vllm@.service")
+    unit.write_text(unit.read_text() + "# edited by hand\n")
+    rc, doc = drift()
+    assert rc == 3
+    assert {h for h, v in doc["hosts"].items() if v["drift"]} == {"fl4"}
+    assert [d["what"] for d in doc["hosts"]["fl4"]["drift"]] == ["unit-changed"]
+    run = playbook("playbooks/switch.yml", "-l", "fl4")
+    assert run.rc == 0 and recap(run)["fl4"]["changed"] >= 1, run.output[-3000:]
+    assert drift()[0] == 0
+
+
+def test_a_weight_corrupted_in_the_mirror_is_refused_and_fl1_keeps_serving(scratch: Path) -> None:
+    v = variant(scratch, "r3", lambda d: edit_json(d / "generation_config.json", top_k=7))
+    with v.files["model.safetensors"].open("r+b") as f:  # the mirror now disagrees with the pin
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
+    assert run.rc != 0
+    assert "model.safetensors does not match its pin" in run.output
+    assert not machine_path("fl1", v.store_path()).exists()
+    assert_serving(["fl1"], STATE["G0"])
+    assert run.host_summary("fl1")["generation_after"] in (None, STATE["G0"]["fl1"])
+
+
+def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_completes(scratch: Path) -> None:
+    def change(d: Path) -> None:
+        edit_json(d / "generation_config.json", top_k=9)
+        with (d / "padding.bin").open("wb") as f:  # big enough to kill the copy in flight
+            f.truncate(384 << 20)
+
+    v = variant(scratch, "r4", change)
+    store = machine_path("fl1", v.store_path())
+    partial = store.with_name(store.name + ".partial")
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY), "site.yml", "-l", "fl1", *v.extra_vars()]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env(LLMFLEET_LOCK=str(v.lock)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (partial / "model.safetensors").exists():  # the copy has reached padding.bin
+            assert proc.poll() is None, "the rollout ended before the copy could be killed"
+            assert time.monotonic() < deadline, "the model copy never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not store.exists(), "a killed transfer left a visible store path"
+    assert not (partial / ".llmfleet-complete").exists()
+    assert_serving(["fl1"], STATE["G0"])
+
+    run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
+    assert run.rc == 0, run.output[-4000:]
+    assert (store / ".llmfleet-complete").is_file() and not partial.exists()
+    assert (store / "padding.bin").stat().st_size == 384 << 20
+    STATE["G4"] = planned(v.lock)
+    assert_serving(["fl1"], STATE["G4"])
+    assert served_root("fl1") == v.store_path()
+
+
+def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path) -> None:
+    v = variant(scratch, "r2", lambda d: edit_json(d / "generation_config.json", top_k=5))
+    STATE["v2"] = v
+    STATE["G2"] = g2 = planned(v.lock)
+    watch = Downtime("fl3")
+    run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
+    down = watch.stop()
+    assert run.rc == 0, run.output[-4000:]
+    assert_serving(HOSTS, g2)
+    for host in HOSTS:
+        assert served_root(host) == v.store_path()
+        assert machine_path(host, f"{ROOT}/generations/{g2[host]}/verified.json").is_file()
+        summary = run.host_summary(host)
+        assert summary["switched"] and summary["verify"] == "passed" and not summary.get("rolled_back")
+    batches = {h: run.host_summary(h).get("batch") for h in HOSTS}
+    assert batches == {"fl1": 1, "fl2": 2, "fl3": 3, "fl4": 3}, batches
+    FIGURES["full rollout of a new model pin (batches 1, 25 %, 100 %), s"] = round(run.wall_s, 1)
+    FIGURES["full rollout, per host, s"] = per_host_seconds(run)
+    FIGURES["switch downtime of fl3 (restart of its instance), s"] = down
+
+
+def test_manual_rollback_serves_the_previous_generation_and_its_downtime_is_measured() -> None:
+    watch = Downtime("fl2")
+    run = playbook("playbooks/rollback.yml", "-l", "fl2")
+    down = watch.stop()
+    assert run.rc == 0, run.output[-4000:]
+    assert_serving(["fl2"], STATE["G0"])
+    assert history("fl2")[-1]["reason"].startswith("manual rollback")
+    FIGURES["manual rollback downtime of fl2 (G2 -> G0), s"] = down
+    FIGURES["manual rollback wall time (playbooks/rollback.yml -l fl2), s"] = round(run.wall_s, 1)
+
+    v: Variant = STATE["v2"]
+    watch = Downtime("fl2")
+    run = playbook("site.yml", "-l", "fl2", *v.extra_vars(), lock=v.lock)
+    down = watch.stop()
+    assert run.rc == 0, run.output[-4000:]
+    assert_serving(["fl2"], STATE["G2"])
+    FIGURES["switch downtime of fl2 (G0 -> G2 by site.yml), s"] = down
+
+
+def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scratch: Path) -> None:
+    v = variant(scratch, "broken", lambda d: edit_json(d / "config.json", hidden_size=256))
+    broken = planned(v.lock)
+    run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
+    assert run.rc != 0
+    assert "is not healthy" in run.output and f"Rolled back to generation {STATE['G2']['fl1']}" in run.output
+    assert "Lines that name an error" in run.output  # the journal excerpt
+    assert_serving(HOSTS, STATE["G2"])
+    assert history("fl1")[-1]["reason"].startswith("automatic: switch")
+    assert machine_path("fl1", f"{ROOT}/generations/{broken['fl1']}/failed.json").is_file()
+    for host in ("fl2", "fl3", "fl4"):  # never reached: nothing of the new pin on them
+        assert broken[host] not in generations(host)
+        assert not machine_path(host, v.store_path()).exists()
+        assert run.host_summary(host)["status"] == "not reached"
+    canary = run.host_summary("fl1")
+    assert canary["rolled_back"] and canary["rolled_back_to"] == STATE["G2"]["fl1"] and canary["status"] == "failed"
+
+
+def test_a_verify_miss_in_a_later_batch_rolls_that_host_back_and_stops_the_rollout(scratch: Path) -> None:
+    inventory = scratch / "inventory-fl3-unreachable-target"
+    shutil.copytree(INVENTORY, inventory)  # symlinks followed: the copy stands alone
+    host_vars = inventory / "host_vars" / "fl3.yml"
+    doc = yaml.safe_load(host_vars.read_text())
+    doc["llmfleet_instances"][0]["targets"]["min_output_tokens_per_s"] = 1_000_000
+    host_vars.write_text(yaml.safe_dump(doc))
+    v: Variant = STATE["v2"]
+    target_gen = planned(v.lock, inventory)["fl3"]
+    argv = ["-i", str(inventory), *v.extra_vars(), "-e", '{"rollout_batches": [1, 1, 1, 1]}']
+    run = playbook("site.yml", *argv, lock=v.lock)
+    assert run.rc != 0
+    assert "output_tokens_per_s: measured" in run.output and "Rolled back to generation" in run.output
+    assert_serving(HOSTS, STATE["G2"])
+    assert machine_path("fl3", f"{ROOT}/generations/{target_gen}/failed.json").is_file()
+    assert "[fl4]" not in run.output.split("PLAY [Rollout", 1)[1]  # its batch never started
+    assert run.host_summary("fl3")["rolled_back"] and run.host_summary("fl3")["verify"] == "failed"
+    assert run.host_summary("fl4")["status"] == "not reached"
+
+
+def test_an_unreachable_host_is_counted_and_the_rest_of_the_fleet_stays_consistent() -> None:
+    rule = ["OUTPUT", "-d", "10.213.0.24", "-p", "tcp", "--dport", "22", "-j", "REJECT", "--reject-with", "tcp-reset",
+            "-m", "comment", "--comment", "llmfleet-test-unreachable"]
+    subprocess.run(["iptables", "-w", "-I", *rule], check=True)
+    try:
+        run = playbook("site.yml")  # back to the lock's pin: a change for every host
+    finally:
+        subprocess.run(["iptables", "-w", "-D", *rule], check=True)
+    assert run.rc != 0
+    assert "fl4 is unreachable when its batch starts" in run.output
+    assert_serving(["fl1", "fl2"], STATE["G0"])
+    assert_serving(["fl3", "fl4"], STATE["G2"])  # fl3 shared fl4's batch: stopped before it switched
+    assert run.host_summary("fl4")["status"] == "unreachable"
+    assert not run.host_summary("fl3").get("switched")
+    rc, doc = drift()
+    assert rc == 3
+    assert {h for h, v in doc["hosts"].items() if v["drift"]} == {"fl3", "fl4"}
+    assert doc["hosts"]["fl3"]["generation"] == {"planned": STATE["G0"]["fl3"], "running": STATE["G2"]["fl3"]}
+
+
+def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switches(scratch: Path) -> None:
+    before = generations("fl1")
+    v: Variant = STATE["v2"]
+    keep = {STATE["G0"]["fl1"], STATE["G2"]["fl1"]}
+    store_before = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
+    run = playbook("playbooks/gc.yml", "-l", "fl1", "-e", "gc_keep=2")
+    assert run.rc == 0, run.output[-3000:]
+    assert generations("fl1") == keep
+    assert STATE["G4"]["fl1"] in before - keep
+    store_after = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
+    needed = set()
+    for gid in keep:
+        manifest = json.loads(machine_path("fl1", f"{ROOT}/generations/{gid}/manifest.json").read_text())
+        needed |= {os.path.basename(e["path"]) for e in manifest["store_paths"]}
+    assert store_after == needed and store_after < store_before
+    for gid in (STATE["G2"]["fl1"], STATE["G0"]["fl1"]):
+        run = playbook("playbooks/rollback.yml", "-l", "fl1", "-e", f"rollback_to={gid}")
+        assert run.rc == 0, run.output[-3000:]
+        assert_serving(["fl1"], gid)
+    assert served_root("fl1") != v.store_path()
+    assert ssh("fl1", "ls /var/lib/llmfleet/store | wc -l").strip() == str(len(needed))
+    assert health("fl1") == 200
