@@ -78,8 +78,16 @@ def _renamed(host: str, raw: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def parse_spec(host: str, host_vars: Mapping[str, Any]) -> HostSpec:
-    """Validate a host's ``llmfleet_*`` variables into a :class:`HostSpec`."""
+def _spec_hints(lock: Lock | None) -> dict[str, str]:
+    hints = {"hardware": "a hardware profile key: " + ", ".join(sorted(builtin_hardware_profiles())) + ", or an inline profile"}
+    if lock is not None:
+        hints["runtime"] = "a runtime key of the lock: " + ", ".join(sorted(lock.runtimes))
+        hints["instances.model"] = "a model key of the lock: " + ", ".join(sorted(lock.models))
+    return hints
+
+
+def parse_spec(host: str, host_vars: Mapping[str, Any], lock: Lock | None = None) -> HostSpec:
+    """Validate a host's ``llmfleet_*`` variables into a :class:`HostSpec` (``lock``: to name valid keys)."""
     raw = spec_vars(dict(host_vars))
     problems = _renamed(host, raw)
     if problems:
@@ -87,7 +95,7 @@ def parse_spec(host: str, host_vars: Mapping[str, Any]) -> HostSpec:
     try:
         return HostSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = from_validation_error(host, "", exc)
+        problems = from_validation_error(host, "", exc, HostSpec, _spec_hints(lock))
         # name the variable as the operator wrote it
         problems = [
             Problem(p.host, "llmfleet_" + p.where.lstrip("."), p.value, p.message, p.valid) for p in problems
@@ -209,7 +217,7 @@ def _check_instance(
     if runtime is not None and runtime.device != hw.accelerator:
         c.error(
             "llmfleet_runtime",
-            runtime.distribution,
+            runtime_key or runtime.distribution,
             f"is a {runtime.device} build but hardware profile '{hw_key}' is {hw.accelerator}",
             f"a runtime with device '{hw.accelerator}'",
         )
@@ -435,7 +443,7 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
     Unresolved pins do not refuse a plan (the operator may inspect it); they are listed in
     ``plan["unresolved"]`` and the deploy refuses them.
     """
-    spec = parse_spec(host, host_vars)
+    spec = parse_spec(host, host_vars, lock)
     hw_key, hw = resolve_hardware(host, spec)
     c = _Checker(host)
     keyed, key_problems = api_key_names(host, host_vars)
@@ -523,7 +531,7 @@ def explain_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[st
     analysis are returned as problems."""
     out: dict[str, Any] = {"host": host, "instances": [], "problems": [], "advice": []}
     try:
-        spec = parse_spec(host, host_vars)
+        spec = parse_spec(host, host_vars, lock)
         hw_key, hw = resolve_hardware(host, spec)
     except PlanRefused as exc:
         out["problems"] = exc.problems
