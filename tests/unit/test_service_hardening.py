@@ -208,3 +208,18 @@ def test_ansible_output_never_holds_the_key(tmp_path: Path) -> None:
 def first_vars(inventory: str) -> dict[str, Any]:
     hosts = load_inventory(REPO / "inventory" / inventory)
     return hosts[sorted(hosts)[0]]
+
+
+def test_trust_remote_code_only_from_the_pin_with_a_warning() -> None:
+    lock = load_lock()
+    host_vars = first_vars("lab")
+    plan = evaluate_host("probe", host_vars, lock)
+    assert "--trust-remote-code" not in plan["instances"][0]["argv"]
+    assert not any("trust_remote_code" in w for w in plan["warnings"])
+    model = host_vars["llmfleet_instances"][0]["model"]
+    allowing = lock.model_copy(
+        update={"models": lock.models | {model: lock.models[model].model_copy(update={"trust_remote_code": True})}}
+    )
+    plan = evaluate_host("probe", host_vars, allowing)
+    assert "--trust-remote-code" in plan["instances"][0]["argv"]
+    assert any("trust_remote_code" in w and model in w for w in plan["warnings"]), plan["warnings"]
