@@ -128,11 +128,12 @@ def run_case(case: dict[str, Any], tmp: Path) -> tuple[int, str]:
     raise AssertionError(f"case {case['id']}: unknown kind {kind!r} (one of {', '.join(KINDS)})")
 
 
-def test_corpus_is_large_and_well_formed() -> None:
+def test_corpus_is_large_and_well_formed(capsys: pytest.CaptureFixture[str]) -> None:
     ids = [c["id"] for c in CASES]
     assert len(ids) == len(set(ids)), "case ids must be unique"
     by_kind = {k: sum(1 for c in CASES if c["kind"] == k) for k in KINDS}
-    print(f"\nbad-input corpus: {len(CASES)} cases ({', '.join(f'{k} {n}' for k, n in by_kind.items())})")
+    with capsys.disabled():  # shown in every run, not only with -s
+        print(f"\nbad-input corpus: {len(CASES)} cases ({', '.join(f'{k} {n}' for k, n in by_kind.items())})")
     assert len(CASES) >= 40
     assert all(by_kind.values()), by_kind
     for c in CASES:
