@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from ansible.plugins.action import ActionBase
@@ -15,7 +16,7 @@ if str(_TOOLS) not in sys.path:
 from llmfleet.errors import LlmfleetError, PlanRefused  # noqa: E402
 from llmfleet.inventory import plain  # noqa: E402
 from llmfleet.pins import load_lock  # noqa: E402
-from llmfleet.plan import evaluate_host  # noqa: E402
+from llmfleet.plan import API_KEYS_VAR, evaluate_host  # noqa: E402
 from llmfleet.spec import spec_vars  # noqa: E402
 
 
@@ -32,6 +33,10 @@ class ActionModule(ActionBase):
         strict = bool(self._task.args.get("strict", True))
         # evaluate_host sees the same llmfleet_* variables tools/plan.py reads from the inventory
         raw = {"llmfleet_" + k: plain(self._templar.template(v)) for k, v in spec_vars(task_vars).items()}
+        # the API keys' instance names only: the keys never reach the evaluator or the plan
+        keys = task_vars.get(API_KEYS_VAR)
+        if keys is not None:
+            raw[API_KEYS_VAR] = sorted(str(k) for k in keys) if isinstance(keys, Mapping) else type(keys).__name__
         try:
             plan = evaluate_host(host, raw, load_lock(lock_path))
         except PlanRefused as exc:

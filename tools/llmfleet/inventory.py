@@ -7,11 +7,14 @@ the host's variables, as a play would see them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .spec import SPEC_PREFIX
+
+API_KEYS_VAR = "vllm_service_api_keys"  # llmfleet.plan.API_KEYS_VAR (not imported: no cycle into the evaluator)
 
 
 def load_inventory(source: str | Path, limit: str | None = None) -> dict[str, dict[str, Any]]:
@@ -47,6 +50,10 @@ def load_inventory(source: str | Path, limit: str | None = None) -> dict[str, di
         except Exception as exc:
             raise InputError(f"{host.name}: a llmfleet_* variable could not be templated: {exc}") from exc
         result[host.name] = plain(rendered)
+        keys = hv.get(API_KEYS_VAR)
+        if keys is not None:
+            # only the names: the keys (often Ansible Vault strings) are never read on this path
+            result[host.name][API_KEYS_VAR] = sorted(str(k) for k in keys) if isinstance(keys, Mapping) else type(keys).__name__
     return result
 
 

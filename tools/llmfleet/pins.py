@@ -212,4 +212,4 @@ def load_lock(path: Path | str | None = None) -> Lock:
     try:
         return Lock.model_validate(data)
     except ValidationError as exc:
-        raise PlanRefused(from_validation_error(str(p), "lock", exc)) from exc
+        raise PlanRefused(from_validation_error(str(p), "lock", exc, Lock)) from exc

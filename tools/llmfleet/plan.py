@@ -7,6 +7,7 @@ plugin and the tests all call :func:`evaluate_host`. It never touches a host.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,9 +30,37 @@ from .spec import (
 
 PLAN_SCHEMA = 1
 #: bump when the unit template changes in a way that needs running instances restarted
-UNIT_REVISION = 1
+UNIT_REVISION = 2
 SERVICE_USER = "llmfleet"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+#: the role input that holds the API keys (instance name -> key); the evaluator reads only its names
+API_KEYS_VAR = "vllm_service_api_keys"
+#: root-owned 0600 environment files, one per keyed instance (``EnvironmentFile=-`` of the unit)
+API_KEY_DIR = "/etc/llmfleet/api-keys"
+#: the variable vLLM reads its API key from (vllm/envs.py); never ``--api-key`` in argv
+API_KEY_ENV = "VLLM_API_KEY"
+
+
+def is_loopback(bind: str) -> bool:
+    return ipaddress.ip_address(bind).is_loopback
+
+
+def api_key_names(host: str, host_vars: Mapping[str, Any]) -> tuple[frozenset[str], list[Problem]]:
+    """The instance names the operator supplies an API key for (``vllm_service_api_keys``), never
+    the keys themselves: those stay in the inventory (Ansible Vault) and reach only the host."""
+    raw = host_vars.get(API_KEYS_VAR)
+    if raw is None:
+        return frozenset(), []
+    if isinstance(raw, Mapping):
+        names = [str(k) for k in raw]
+    elif isinstance(raw, list | tuple | set | frozenset) and all(isinstance(k, str) for k in raw):
+        names = list(raw)  # names only (what tools/plan.py and the action plugin pass)
+    else:
+        return frozenset(), [
+            Problem(host, API_KEYS_VAR, type(raw).__name__, "must be a mapping of instance name to API key",
+                    "{tiny: !vault |...}, one key per instance")
+        ]
+    return frozenset(names), []
 
 
 def _renamed(host: str, raw: Mapping[str, Any]) -> list[Problem]:
@@ -49,8 +78,16 @@ def _renamed(host: str, raw: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def parse_spec(host: str, host_vars: Mapping[str, Any]) -> HostSpec:
-    """Validate a host's ``llmfleet_*`` variables into a :class:`HostSpec`."""
+def _spec_hints(lock: Lock | None) -> dict[str, str]:
+    hints = {"hardware": "a hardware profile key: " + ", ".join(sorted(builtin_hardware_profiles())) + ", or an inline profile"}
+    if lock is not None:
+        hints["runtime"] = "a runtime key of the lock: " + ", ".join(sorted(lock.runtimes))
+        hints["instances.model"] = "a model key of the lock: " + ", ".join(sorted(lock.models))
+    return hints
+
+
+def parse_spec(host: str, host_vars: Mapping[str, Any], lock: Lock | None = None) -> HostSpec:
+    """Validate a host's ``llmfleet_*`` variables into a :class:`HostSpec` (``lock``: to name valid keys)."""
     raw = spec_vars(dict(host_vars))
     problems = _renamed(host, raw)
     if problems:
@@ -58,7 +95,7 @@ def parse_spec(host: str, host_vars: Mapping[str, Any]) -> HostSpec:
     try:
         return HostSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = from_validation_error(host, "", exc)
+        problems = from_validation_error(host, "", exc, HostSpec, _spec_hints(lock))
         # name the variable as the operator wrote it
         problems = [
             Problem(p.host, "llmfleet_" + p.where.lstrip("."), p.value, p.message, p.valid) for p in problems
@@ -149,7 +186,12 @@ def _check_instance(
                 f"at most {inst.max_model_len}",
             )
         if model.trust_remote_code:
-            c.warn(f"{at}.model", inst.model, "the model pin allows trust_remote_code: its code runs in the service")
+            c.warn(
+                f"{at}.model",
+                inst.model,
+                "the model pin allows trust_remote_code: the model's own Python code runs in the service (--trust-remote-code)",
+                "a pin without trust_remote_code keeps it off",
+            )
     if inst.load.prompt_tokens + inst.load.output_tokens > inst.max_model_len:
         c.error(
             f"{at}.load",
@@ -175,7 +217,7 @@ def _check_instance(
     if runtime is not None and runtime.device != hw.accelerator:
         c.error(
             "llmfleet_runtime",
-            runtime.distribution,
+            runtime_key or runtime.distribution,
             f"is a {runtime.device} build but hardware profile '{hw_key}' is {hw.accelerator}",
             f"a runtime with device '{hw.accelerator}'",
         )
@@ -252,6 +294,23 @@ def _check_host(c: _Checker, spec: HostSpec, hw: HardwareProfile, hw_key: str, l
     return runtime
 
 
+def _check_api_keys(c: _Checker, spec: HostSpec, keyed: frozenset[str]) -> None:
+    """An API bound beyond loopback needs a key per instance; a key must name an instance."""
+    names = [inst.name for inst in spec.instances]
+    for name in sorted(keyed - set(names)):
+        c.error(f"{API_KEYS_VAR}.{name}", name, "is a key for an instance this host does not run", ", ".join(names) or "no instances")
+    if is_loopback(spec.api_bind):
+        return
+    for inst in spec.instances:
+        if inst.name not in keyed:
+            c.error(
+                "llmfleet_api_bind",
+                spec.api_bind,
+                f"exposes instance '{inst.name}' beyond loopback but no API key is given for it",
+                f"a key in {API_KEYS_VAR}.{inst.name} (an Ansible Vault string fits), or llmfleet_api_bind 127.0.0.1",
+            )
+
+
 def _engine_flag(name: str, value: Any) -> list[str]:
     flag = "--" + name.replace("_", "-")
     if value is True:
@@ -262,7 +321,13 @@ def _engine_flag(name: str, value: Any) -> list[str]:
 
 
 def _instance_plan(
-    spec: HostSpec, inst: Instance, hw: HardwareProfile, runtime: dict[str, Any], model_path: str
+    spec: HostSpec,
+    inst: Instance,
+    hw: HardwareProfile,
+    runtime: dict[str, Any],
+    model_path: str,
+    model_pin: ModelPin,
+    keyed: frozenset[str],
 ) -> dict[str, Any]:
     state_dir = f"{spec.root}/state/{inst.name}"
     argv = [
@@ -290,6 +355,9 @@ def _instance_plan(
         argv += ["--kv-cache-memory-bytes", str(inst.kv_cache_memory_bytes)]
     if inst.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(inst.gpu_memory_utilization)]
+    if model_pin.trust_remote_code:
+        # only a pin may allow it (engine_args cannot); the plan carries a warning
+        argv.append("--trust-remote-code")
     for name in sorted(inst.engine_args):
         argv += _engine_flag(name, inst.engine_args[name])
 
@@ -328,6 +396,10 @@ def _instance_plan(
         "tensor_parallel": inst.tensor_parallel,
         "pipeline_parallel": inst.pipeline_parallel,
         "max_model_len": inst.max_model_len,
+        "exposed": not is_loopback(spec.api_bind),
+        # where the key is, never the key: a root-owned 0600 file systemd reads (EnvironmentFile=)
+        "api_key_required": inst.name in keyed,
+        "api_key_file": f"{API_KEY_DIR}/{inst.name}.env" if inst.name in keyed else None,
         "argv": argv,
         "environment": env,
         "state_dir": state_dir,
@@ -335,7 +407,13 @@ def _instance_plan(
         "load": inst.load.model_dump(),
     }
     plan["content_hash"] = content_hash(
-        {"argv": argv, "environment": env, "unit_revision": UNIT_REVISION, "devices": plan["devices"]}
+        {
+            "argv": argv,
+            "environment": env,
+            "unit_revision": UNIT_REVISION,
+            "devices": plan["devices"],
+            "api_key_required": plan["api_key_required"],
+        }
     )
     return plan
 
@@ -354,6 +432,7 @@ def _service(spec: HostSpec, hw: HardwareProfile) -> dict[str, Any]:
         "device_allow": device_allow,
         "limit_nofile": 20000,
         "read_only_paths": [f"{spec.root}/store"],
+        "api_key_dir": API_KEY_DIR,
         "unit_revision": UNIT_REVISION,
     }
 
@@ -364,10 +443,13 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
     Unresolved pins do not refuse a plan (the operator may inspect it); they are listed in
     ``plan["unresolved"]`` and the deploy refuses them.
     """
-    spec = parse_spec(host, host_vars)
+    spec = parse_spec(host, host_vars, lock)
     hw_key, hw = resolve_hardware(host, spec)
     c = _Checker(host)
+    keyed, key_problems = api_key_names(host, host_vars)
+    c.problems.extend(key_problems)
     runtime_pin = _check_host(c, spec, hw, hw_key, lock)
+    _check_api_keys(c, spec, keyed)
     if c.errors:
         raise PlanRefused(c.problems)
     assert runtime_pin is not None
@@ -400,7 +482,10 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
             "store_path": f"{spec.root}/store/{model_store_name(inst.model, pin)}",
             "files": [f.model_dump() for f in pin.files or []],
         }
-    instances = [_instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"]) for inst in spec.instances]
+    instances = [
+        _instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"], lock.models[inst.model], keyed)
+        for inst in spec.instances
+    ]
     for i, inst_plan in enumerate(instances):
         analysis = c.analyses.get(i)
         if analysis is not None:
@@ -446,13 +531,16 @@ def explain_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[st
     analysis are returned as problems."""
     out: dict[str, Any] = {"host": host, "instances": [], "problems": [], "advice": []}
     try:
-        spec = parse_spec(host, host_vars)
+        spec = parse_spec(host, host_vars, lock)
         hw_key, hw = resolve_hardware(host, spec)
     except PlanRefused as exc:
         out["problems"] = exc.problems
         return out
     c = _Checker(host)
+    keyed, key_problems = api_key_names(host, host_vars)
+    c.problems.extend(key_problems)
     _check_host(c, spec, hw, hw_key, lock)
+    _check_api_keys(c, spec, keyed)
     out["hardware_profile"] = hw_key
     out["runtime"] = spec.runtime
     for i, inst in enumerate(spec.instances):

@@ -193,6 +193,28 @@ def test_api_key_from_environment(run_cli: RunCli, monkeypatch: pytest.MonkeyPat
         assert r.code == 1 and r.err == "verify: environment variable LLMF_TEST_KEY (the API key) is not set or empty\n"
 
 
+def test_api_key_from_file(run_cli: RunCli, tmp_path: Path) -> None:
+    """The plan's api_key_file (the unit's root-only environment file) or --api-key-file: never argv."""
+    env_file, bare = tmp_path / "tiny.env", tmp_path / "bare-key"
+    env_file.write_text("VLLM_API_KEY=s3cret-from-file\n")
+    bare.write_text("s3cret-from-file\n")
+    env_file.chmod(0o600)
+    with serve(Behaviour(api_key="s3cret-from-file")) as (url, fake):
+        inst = {"name": "tiny", "served_model_name": "tiny-llama", "url": url, "api_key_required": True, "api_key_file": str(env_file),
+                "load": {"concurrency": 1, "requests": 2, "prompt_tokens": 16, "output_tokens": 4}}
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps({"schema": 1, "host": "h", "generation": "b" * 24, "instances": [inst]}))
+        r = run_cli("--plan", str(plan), "--no-history")
+        assert r.code == 0, r.err
+        r = run_cli("--url", url, "--model", "tiny-llama", "--api-key-file", str(bare), "--requests", "2")
+        assert r.code == 0, r.err
+        assert None not in fake.state.authorizations and set(fake.state.authorizations) == {"Bearer s3cret-from-file"}
+        assert "s3cret" not in r.out + r.err
+        (tmp_path / "junk").write_text("A=1\nB=2\n")
+        r = run_cli("--url", url, "--api-key-file", str(tmp_path / "junk"))
+        assert r.code == 1 and "holds no VLLM_API_KEY=<key> line" in r.err
+
+
 def test_plan_instance(run_cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with serve(Behaviour(api_key="k", model="qwen")) as (url, fake):
         inst = {

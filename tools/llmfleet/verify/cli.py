@@ -2,8 +2,8 @@
 
 Exit 0: every target met; 2: a target missed or a regression against the last good run; 1: could
 not measure (always one line on stderr, never a traceback). The API key is read from the
-environment variable the plan instance's ``api_key_env`` (or ``--api-key-env``) names, never from
-the command line.
+environment variable the plan instance's ``api_key_env`` (or ``--api-key-env``) names, or from the
+file its ``api_key_file`` (or ``--api-key-file``) names, never from the command line.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8000 (overrides the plan's)")
     src.add_argument("--model", help="served model id expected (default: the plan's, else the one served)")
     src.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (sent as Bearer)")
+    src.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the API key: VLLM_API_KEY=<key> or the bare key (default: the plan's api_key_file)",
+    )
 
     tg = p.add_argument_group("targets (override the plan's)")
     tg.add_argument("--target-min-output-tokens-per-s", type=_positive(float), metavar="X")
@@ -205,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> VerifyConfig:
             url=args.url,
             model=args.model,
             api_key_env=args.api_key_env,
+            api_key_file=args.api_key_file,
             generation=generation if isinstance(generation, str) else None,
             history_dir=history,
             **common,
@@ -217,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> VerifyConfig:
         url=args.url,
         model=args.model,
         api_key_env=args.api_key_env,
+        api_key_file=args.api_key_file,
         targets=Targets().merged(target_args),
         load=LoadSpec().merged(load_args),
         history_dir=history,

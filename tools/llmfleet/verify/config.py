@@ -145,6 +145,8 @@ class VerifyConfig:
     plan_max_model_len: int | None = None
     generation: str | None = None
     api_key_env: str | None = None
+    #: a file holding the key (``VLLM_API_KEY=<key>``, as the unit's environment file, or the bare key)
+    api_key_file: str | None = None
     targets: Targets = field(default_factory=Targets)
     load: LoadSpec = field(default_factory=LoadSpec)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -267,12 +269,18 @@ def config_from_instance(
     key_env = inst.get("api_key_env")
     if key_env is not None and not isinstance(key_env, str):
         raise VerifyError(f"{where}.api_key_env must be a string")
+    key_file = inst.get("api_key_file")
+    if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+        raise VerifyError(f"{where}.api_key_file = {key_file!r} is not valid: expected an absolute path or null")
+    if inst.get("api_key_required") is True and key_file is None and key_env is None:
+        raise VerifyError(f"{where}: api_key_required is true but neither api_key_file nor api_key_env is given")
     values: dict[str, Any] = {
         "url": url,
         "instance": name if isinstance(name, str) else None,
         "model": model,
         "plan_max_model_len": mml,
         "api_key_env": key_env,
+        "api_key_file": key_file,
         "targets": Targets.parse(inst.get("targets"), f"{where}.targets").merged(target_overrides or {}),
         "load": LoadSpec.parse(inst.get("load"), f"{where}.load").merged(load_overrides or {}),
         "plan": plan_facts(plan or {}, inst),

@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from . import history, prometheus
@@ -302,14 +303,45 @@ async def stream_completion(conn: Connection, model: str, prompt: str, max_token
     )
 
 
+API_KEY_FILE_VAR = "VLLM_API_KEY"
+
+
+def read_api_key_file(path: str) -> str:
+    """The key of an API key file: the unit's environment file (``VLLM_API_KEY=<key>``) or the bare key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VerifyError(
+            f"API key file {path} does not exist (expected the instance's key file, e.g. /etc/llmfleet/api-keys/<name>.env)"
+        ) from None
+    except PermissionError:
+        raise VerifyError(
+            f"API key file {path} is not readable by this user (it is root-owned 0600: run as root, or use --api-key-env)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VerifyError(f"API key file {path} could not be read: {exc.__class__.__name__}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    for ln in lines:
+        if ln.startswith(API_KEY_FILE_VAR + "="):
+            return ln[len(API_KEY_FILE_VAR) + 1 :].strip().strip("'\"")
+    if len(lines) == 1 and "=" not in lines[0]:
+        return lines[0]
+    raise VerifyError(f"API key file {path} holds no {API_KEY_FILE_VAR}=<key> line and is not a bare key")
+
+
 def _auth_headers(config: VerifyConfig) -> dict[str, str]:
-    if config.api_key_env is None:
+    if config.api_key_env is not None:
+        source = f"environment variable {config.api_key_env}"
+        key = os.environ.get(config.api_key_env, "")
+    elif config.api_key_file is not None:
+        source = f"API key file {config.api_key_file}"
+        key = read_api_key_file(config.api_key_file)
+    else:
         return {}
-    key = os.environ.get(config.api_key_env, "")
     if not key:
-        raise VerifyError(f"environment variable {config.api_key_env} (the API key) is not set or empty")
+        raise VerifyError(f"{source} (the API key) is not set or empty")
     if any(c in key for c in "\r\n\0"):
-        raise VerifyError(f"environment variable {config.api_key_env} holds an invalid API key (control characters)")
+        raise VerifyError(f"{source} holds an invalid API key (control characters)")
     return {"Authorization": f"Bearer {key}"}
 
 
