@@ -31,7 +31,6 @@ from .conftest import (
     Run,
     Variant,
     assert_serving,
-    current,
     edit_json,
     env,
     generations,
@@ -68,7 +67,7 @@ def recap(run: Run) -> dict[str, dict[str, int]]:
 def per_host_seconds(run: Run) -> dict[str, Any]:
     if not run.summary:
         return {}
-    return {h: v.get("seconds") for h, v in sorted(run.summary["hosts"].items())}
+    return {h: v.get("duration_s") for h, v in sorted(run.summary["hosts"].items())}
 
 
 def test_first_rollout_serves_the_planned_generation_everywhere(fleet: Run) -> None:
