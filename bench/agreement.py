@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,11 +102,33 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def server_ttft(url: str) -> Histogram | None:
-    """vLLM's own TTFT histogram (cumulative), to tell the server's part of a TTFT from the client's."""
+@dataclass(frozen=True)
+class Server:
+    """What the server itself counted, to tell its part of a TTFT from the client's and to show both
+    clients sent the same work: TTFT histogram, prompt tokens, finished requests, prefix-cache hits."""
+
+    ttft: Histogram | None
+    prompt_tokens: float
+    requests: float
+    cache_queries: float
+    cache_hits: float
+
+
+def server_state(url: str) -> Server:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         expo = prometheus.parse(r.read().decode())
-    return expo.histogram("vllm:time_to_first_token_seconds", {"model_name": MODEL})
+    m = {"model_name": MODEL}
+    return Server(
+        expo.histogram("vllm:time_to_first_token_seconds", m),
+        expo.total("vllm:prompt_tokens_total", m) or 0.0,
+        expo.total("vllm:request_success_total", m) or 0.0,
+        expo.total("vllm:prefix_cache_queries_total", m) or 0.0,
+        expo.total("vllm:prefix_cache_hits_total", m) or 0.0,
+    )
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}"
 
 
 def run_client(name: str, python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int) -> Figures:
@@ -154,17 +177,21 @@ def main() -> int:
         for i in range(args.rounds):
             order = ("verify", "vllm") if i % 2 == 0 else ("vllm", "verify")
             for name in order:
-                h0 = server_ttft(url)
+                s0 = server_state(url)
                 f = run_client(name, python, url, w, tmp, vllm, i)
-                h1 = server_ttft(url)
-                d = h1 - h0 if h0 is not None and h1 is not None else None
+                s1 = server_state(url)
+                d = s1.ttft - s0.ttft if s0.ttft is not None and s1.ttft is not None else None
                 srv = (d.mean or 0.0) * 1000 if d is not None else float("nan")
                 gap[name].append(f.ttft_mean_s * 1000 - srv)
                 runs[name].append(f)
+                n = max(s1.requests - s0.requests, 1.0)
                 print(
                     f"  round {i + 1} {name:6}: {f.output_tokens_per_s:8.1f} output tokens/s, TTFT p50 {f.ttft_p50_s * 1000:7.2f} ms, "
                     f"TTFT mean {f.ttft_mean_s * 1000:7.2f} ms (server's {srv:6.2f} ms), TPOT p50 {f.tpot_p50_s * 1000:6.2f} ms, "
-                    f"{f.output_tokens} tokens in {f.duration_s:.2f} s",
+                    f"{f.output_tokens} tokens in {f.duration_s:.2f} s; server saw {s1.requests - s0.requests:.0f} requests, "
+                    f"{(s1.prompt_tokens - s0.prompt_tokens) / n:.1f} prompt tokens each, prefix-cache hits "
+                    f"{s1.cache_hits - s0.cache_hits:.0f} of {s1.cache_queries - s0.cache_queries:.0f} tokens; "
+                    f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     finally:
@@ -181,12 +208,19 @@ def main() -> int:
     )
     ok = True
     for label, attr, scale, unit in (("output tokens/s", "output_tokens_per_s", 1.0, ""), ("TTFT p50", "ttft_p50_s", 1000.0, " ms")):
-        v = statistics.median(getattr(f, attr) for f in runs["verify"]) * scale
-        b = statistics.median(getattr(f, attr) for f in runs["vllm"]) * scale
+        vs = [getattr(f, attr) * scale for f in runs["verify"]]
+        bs = [getattr(f, attr) * scale for f in runs["vllm"]]
+        v, b = statistics.median(vs), statistics.median(bs)
         diff = v / b - 1
         ok &= abs(diff) <= TARGET
         verdict = "within" if abs(diff) <= TARGET else "OUTSIDE"
-        print(f"  {label:16} verify.py {v:9.2f}{unit} · vllm bench serve {b:9.2f}{unit} · {diff:+.1%} ({verdict} ±{TARGET:.0%})")
+        # each round ran both clients seconds apart: its ratio drifts less with the machine's load
+        paired = [x / y - 1 for x, y in zip(vs, bs, strict=True)]
+        print(
+            f"  {label:16} verify.py {v:9.2f}{unit} ({spread(vs)}) · vllm bench serve {b:9.2f}{unit} ({spread(bs)}) · "
+            f"{diff:+.1%} ({verdict} ±{TARGET:.0%}); per round {' '.join(f'{x:+.1%}' for x in paired)}, "
+            f"median {statistics.median(paired):+.1%}"
+        )
     gv, gb = statistics.median(gap["verify"]), statistics.median(gap["vllm"])
     print(f"  TTFT mean, client minus server (vllm:time_to_first_token_seconds): verify.py {gv:+.2f} ms · vllm bench serve {gb:+.2f} ms")
     return 0 if ok else 2

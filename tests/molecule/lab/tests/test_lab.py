@@ -235,3 +235,13 @@ def test_verify_result_recorded_and_passed(host: Any, plan: dict[str, Any]) -> N
         assert f.exists, "verify did not record a result for this generation"
         result = json.loads(f.content_string)
         assert result["ok"] is True and result["exit_code"] == 0
+
+
+def test_verify_textfile_for_node_exporter(host: Any, plan: dict[str, Any]) -> None:
+    # vllm_verify_textfile_dir's default (Debian's prometheus-node-exporter collector directory)
+    for inst in plan["instances"]:
+        f = host.file(f"/var/lib/prometheus/node-exporter/llmfleet_verify_{inst['name']}.prom")
+        assert f.exists and f.user == "root" and f.mode == 0o644
+        assert f'llmfleet_verify_exit_code{{llmfleet_instance="{inst["name"]}"' in f.content_string
+        # written to a temporary name and renamed: none left behind
+        assert host.run("find /var/lib/prometheus/node-exporter -name '.*' -type f").stdout == ""
