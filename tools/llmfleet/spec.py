@@ -70,7 +70,7 @@ class Pcie(_Model):
 TopologyLevel = Literal["X", "NV", "PIX", "PXB", "PHB", "NODE", "SYS"]
 
 
-DriverSource = Literal["debian-non-free", "ubuntu-server-open", "cuda-repo", "rhel-module"]
+DriverSource = Literal["debian-non-free", "ubuntu-server-open", "rhel-module"]
 
 
 class DriverPin(_Model):
@@ -83,8 +83,9 @@ class DriverPin(_Model):
     source: DriverSource
     version: Annotated[str, Field(min_length=3)]
     packages: Annotated[list[str], Field(min_length=1)]
-    #: Ubuntu only: Canonical's precompiled, signed modules for Secure Boot (linux-modules-nvidia-*)
-    signed_modules: list[str] = []
+    #: Ubuntu only: the package set that replaces ``packages`` when Secure Boot needs Canonical's
+    #: precompiled, signed modules (``linux-modules-nvidia-*``, no DKMS build on the host)
+    signed_packages: list[str] = []
 
 
 #: distribution keys of ``HardwareProfile.driver``: ``<ansible_distribution lower>-<major version>``
@@ -119,7 +120,7 @@ class HardwareProfile(_Model):
         return v
 
     @model_validator(mode="after")
-    def _driver_fits(self) -> "HardwareProfile":
+    def _driver_fits(self) -> HardwareProfile:
         if self.driver and self.accelerator != "cuda":
             raise ValueError("driver pins are for cuda profiles; a CPU profile installs no driver")
         for distro, pin in self.driver.items():
