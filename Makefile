@@ -77,6 +77,7 @@ integration: venv fetch
 	$(BIN)/python -m pytest tests/integration -m integration
 
 molecule: venv
+	$(BIN)/molecule test -s driver
 	$(BIN)/molecule test -s lab
 
 fleet: venv fetch

@@ -1,6 +1,9 @@
 # The bridge from Ansible to the llmfleet evaluator, nothing more: it gathers the host's
 # llmfleet_* variables, calls llmfleet.plan.evaluate_host on the control node and returns the
 # plan as the fact `llmfleet_plan`. It never contacts the host.
+# With `gpu_facts` (the host's measured `nvidia_gpu` facts), it first checks them against the hardware
+# profile (llmfleet.gpu_preflight: per GPU, expected vs found) and then plans with the measured NVML
+# topology in place of the profile's, so the rules see the host as it is.
 from __future__ import annotations
 
 import sys
@@ -14,6 +17,7 @@ if str(_TOOLS) not in sys.path:
     sys.path.insert(0, str(_TOOLS))
 
 from llmfleet.errors import LlmfleetError, PlanRefused  # noqa: E402
+from llmfleet.gpu_preflight import apply_gpu_facts  # noqa: E402
 from llmfleet.inventory import plain  # noqa: E402
 from llmfleet.pins import load_lock  # noqa: E402
 from llmfleet.plan import API_KEYS_VAR, evaluate_host  # noqa: E402
@@ -22,7 +26,7 @@ from llmfleet.spec import spec_vars  # noqa: E402
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset(("lock", "strict"))
+    _VALID_ARGS = frozenset(("lock", "strict", "gpu_facts"))
     _requires_connection = False
 
     def run(self, tmp=None, task_vars=None):
@@ -37,8 +41,12 @@ class ActionModule(ActionBase):
         keys = task_vars.get(API_KEYS_VAR)
         if keys is not None:
             raw[API_KEYS_VAR] = sorted(str(k) for k in keys) if isinstance(keys, Mapping) else type(keys).__name__
+        gpu_facts = self._task.args.get("gpu_facts")
         try:
-            plan = evaluate_host(host, raw, load_lock(lock_path))
+            lock = load_lock(lock_path)
+            plan = evaluate_host(host, raw, lock)
+            if gpu_facts is not None:
+                plan = apply_gpu_facts(host, raw, plan, plain(gpu_facts), lambda hv: evaluate_host(host, hv, lock))
         except PlanRefused as exc:
             result.update(failed=True, msg="plan refused:\n" + "\n".join(str(p) for p in exc.problems),
                           problems=[p.to_dict() for p in exc.problems])

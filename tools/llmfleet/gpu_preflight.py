@@ -12,9 +12,10 @@ reported only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from llmfleet.errors import Problem
+from llmfleet.errors import PlanRefused, Problem
 from llmfleet.spec import HardwareProfile
 
 GIB = 1024**3
@@ -199,3 +200,41 @@ def profile_with_measured_topology(profile: HardwareProfile, facts: dict[str, An
     if any(level == "NV" for row in topology for level in row):
         update["interconnect"] = "nvlink"
     return HardwareProfile.model_validate(profile.model_dump() | update)
+
+
+def apply_gpu_facts(
+    host: str,
+    host_vars: Mapping[str, Any],
+    plan: dict[str, Any],
+    facts: dict[str, Any] | None,
+    evaluate: Callable[[Mapping[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """The host's plan, checked against its measured GPUs and re-planned on the measured topology.
+
+    Raises :class:`PlanRefused` with every per-GPU error (expected vs found). Where the measured
+    NVML topology differs from the profile's, ``evaluate`` (``evaluate_host`` bound to the host and
+    the lock) plans again with the measured matrix in the host's profile, so the topology rules
+    (TP across a host bridge or sockets) judge the host as it is; the differences stay in the
+    plan's warnings.
+    """
+    profile = HardwareProfile.model_validate(plan["hardware"])
+    problems = check_gpu_facts(host, profile, facts)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise PlanRefused(errors)
+    if profile.accelerator != "cuda" or not facts:
+        return plan
+    measured = profile_with_measured_topology(profile, facts)
+    if measured == profile:
+        return plan
+    key = plan["hardware_profile"]
+    override = dict(host_vars)
+    dumped = measured.model_dump(exclude_none=True)
+    if key == "inline":
+        override["llmfleet_hardware"] = dumped
+    else:
+        override["llmfleet_hardware_profiles"] = {**dict(host_vars.get("llmfleet_hardware_profiles") or {}), key: dumped}
+    replanned = evaluate(override)
+    replanned["warnings"] = [str(p) for p in problems] + list(replanned["warnings"])
+    replanned["measured_topology"] = measured.topology
+    return replanned

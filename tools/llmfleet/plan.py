@@ -437,6 +437,17 @@ def _service(spec: HostSpec, hw: HardwareProfile) -> dict[str, Any]:
     }
 
 
+def _driver(hw: HardwareProfile) -> dict[str, Any] | None:
+    """What roles/nvidia_driver installs: None for a profile without a GPU, else the branch and the
+    exact pin per distribution (the role picks the host's own and refuses a distribution not listed)."""
+    if hw.accelerator != "cuda":
+        return None
+    return {
+        "branch": hw.driver_branch,
+        "distributions": {k: v.model_dump() for k, v in sorted(hw.driver.items())},
+    }
+
+
 def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[str, Any]:
     """Return the plan of one host, or raise :class:`PlanRefused` with every problem found.
 
@@ -497,6 +508,7 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
         "root": spec.root,
         "hardware_profile": hw_key,
         "hardware": hw.model_dump(exclude_none=True),
+        "driver": _driver(hw),
         "runtime": runtime,
         "models": models,
         "service": _service(spec, hw),

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
 ENGINE_ARG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -70,6 +70,28 @@ class Pcie(_Model):
 TopologyLevel = Literal["X", "NV", "PIX", "PXB", "PHB", "NODE", "SYS"]
 
 
+DriverSource = Literal["debian-non-free", "ubuntu-server-open", "rhel-module"]
+
+
+class DriverPin(_Model):
+    """The NVIDIA driver of one distribution, pinned exactly (rendered by roles/nvidia_driver).
+
+    ``version`` is the distribution's package version (apt ``Pin: version``, dnf versionlock
+    ``name-version``), not only the branch: a pin that names a branch rots as the branch moves.
+    """
+
+    source: DriverSource
+    version: Annotated[str, Field(min_length=3)]
+    packages: Annotated[list[str], Field(min_length=1)]
+    #: Ubuntu only: the package set that replaces ``packages`` when Secure Boot needs Canonical's
+    #: precompiled, signed modules (``linux-modules-nvidia-*``, no DKMS build on the host)
+    signed_packages: list[str] = []
+
+
+#: distribution keys of ``HardwareProfile.driver``: ``<ansible_distribution lower>-<major version>``
+DRIVER_DISTRIBUTIONS = ("debian-12", "ubuntu-22.04", "ubuntu-24.04", "redhat-9")
+
+
 class HardwareProfile(_Model):
     """What a host has. GPU hosts count GPUs; CPU (lab) hosts count core groups."""
 
@@ -84,8 +106,30 @@ class HardwareProfile(_Model):
     pcie: Pcie | None = None
     topology: list[list[TopologyLevel]] | None = None
     driver_branch: str | None = None
+    #: exact driver pins per distribution (keys: DRIVER_DISTRIBUTIONS); a profile without a GPU has none
+    driver: dict[str, DriverPin] = Field(default_factory=dict)
     cpu_binds: list[str] | None = None
     nccl_p2p_disable: bool = False
+
+    @field_validator("driver")
+    @classmethod
+    def _driver(cls, v: dict[str, DriverPin]) -> dict[str, DriverPin]:
+        unknown = sorted(set(v) - set(DRIVER_DISTRIBUTIONS))
+        if unknown:
+            raise ValueError(f"unknown driver distribution(s) {unknown}; valid: {', '.join(DRIVER_DISTRIBUTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _driver_fits(self) -> HardwareProfile:
+        if self.driver and self.accelerator != "cuda":
+            raise ValueError("driver pins are for cuda profiles; a CPU profile installs no driver")
+        for distro, pin in self.driver.items():
+            upstream = re.sub(r"^\d+:", "", pin.version)  # drop an epoch ("3:580.95.05-1.el9")
+            if self.driver_branch and not upstream.startswith(self.driver_branch + "."):
+                raise ValueError(
+                    f"driver[{distro}].version {pin.version!r} is not on the profile's branch R{self.driver_branch}"
+                )
+        return self
 
     @field_validator("compute_capability")
     @classmethod
