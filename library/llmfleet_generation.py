@@ -1,0 +1,1 @@
+../roles/vllm_service/library/llmfleet_generation.py
