@@ -8,7 +8,6 @@ Figures (wall times, downtime) are printed in the terminal summary and written t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llmfleet.artifacts.cache import manifest, revision
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -190,14 +190,6 @@ class Downtime:
 # --- pins: variants of the tiny model's pin, as a new upstream revision would bring -------------
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class Variant:
     """A lock whose tiny-llama pin points at changed files, and the mirror (models dir) holding them."""
@@ -221,15 +213,15 @@ def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
     model_dir = models / MODEL
     shutil.copytree(CACHE / "models" / MODEL, model_dir)
     change(model_dir)
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    files = manifest(model_dir)
     doc = json.loads((REPO / "pins" / "lock.json").read_text())
     pin = doc["models"][MODEL]
-    pin["files"] = [{"path": str(p.relative_to(model_dir)), "sha256": sha256(p), "size": p.stat().st_size} for p in files]
-    pin["revision"] = hashlib.sha256(json.dumps(pin["files"], sort_keys=True).encode()).hexdigest()
+    pin["files"] = [f.model_dump() for f in files]
+    pin["revision"] = revision(files)
     pin["notes"] = f"test variant {name} of the tiny model (tests/fleet)"
     lock = base / name / "lock.json"
     lock.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    return Variant(lock, models, {str(p.relative_to(model_dir)): p for p in files})
+    return Variant(lock, models, {f.path: model_dir / f.path for f in files})
 
 
 def edit_json(path: Path, **changes: Any) -> None:
