@@ -6,12 +6,12 @@ A field the capture holds as null answers NVML's Not Supported, the way the real
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
+
+from by_path import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "gpu"
@@ -21,15 +21,7 @@ NOT_SUPPORTED = 3
 
 
 def load_module() -> ModuleType:
-    name = "nvidia_gpu_facts"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("nvidia_gpu_facts", MODULE_PATH)
 
 
 def capture(name: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from by_path import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -34,10 +34,7 @@ from llmfleet.pins import load_lock  # noqa: E402
 from llmfleet.plan import evaluate_host  # noqa: E402
 
 MODULE_PATH = REPO / "library" / "llmfleet_drift.py"
-_spec = importlib.util.spec_from_file_location("llmfleet_drift", MODULE_PATH)
-assert _spec and _spec.loader
-drift_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(drift_module)
+drift_module = load_file("llmfleet_drift", MODULE_PATH)
 
 UNIT_TEXT = "[Unit]\nDescription=llmfleet vLLM instance %i\n[Service]\nExecStart=/var/lib/llmfleet/current/instances/%i/launch\n"
 MAIN_PID = 4242

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from by_path import load_file
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location(
-    "llmfleet_generation", REPO / "roles" / "vllm_service" / "library" / "llmfleet_generation.py"
-)
-assert SPEC and SPEC.loader
-gen = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(gen)
+gen = load_file("llmfleet_generation", REPO / "roles" / "vllm_service" / "library" / "llmfleet_generation.py")
 
 A, B, C, D = "a" * 24, "b" * 24, "c" * 24, "d" * 24
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,20 +12,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from by_path import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "callback_plugins" / "llmfleet_summary.py"
 
 
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("llmfleet_summary", PLUGIN)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-MOD = _load()
+MOD: Any = load_file("llmfleet_summary", PLUGIN)
 
 
 class FakeHost:

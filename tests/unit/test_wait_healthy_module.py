@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from by_path import load_file
+
 REPO = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location(
-    "llmfleet_wait_healthy", REPO / "roles" / "vllm_service" / "library" / "llmfleet_wait_healthy.py"
-)
-assert SPEC and SPEC.loader
-wh = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(wh)
+wh = load_file("llmfleet_wait_healthy", REPO / "roles" / "vllm_service" / "library" / "llmfleet_wait_healthy.py")
 
 TINY = {"name": "tiny", "unit": "llmfleet-vllm@tiny.service", "url": "http://127.0.0.1:8000"}
 TP2 = {"name": "tp2", "unit": "llmfleet-vllm@tp2.service", "url": "http://127.0.0.1:8001"}
