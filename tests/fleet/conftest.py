@@ -51,6 +51,24 @@ class Run:
         assert self.summary is not None, "the run wrote no summary.json"
         return dict(self.summary["hosts"][host])
 
+    def failures(self, limit: int = 6000) -> str:
+        """What failed, for an assertion message: every fatal/failed task block and the recap."""
+        blocks: list[str] = []
+        task = ""
+        lines = self.output.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("TASK ["):
+                task = line
+            elif line.startswith(("fatal: [", "failed: [")):
+                end = next((j for j in range(i + 1, len(lines)) if not lines[j].strip()), len(lines))
+                blocks.append(task + "\n" + "\n".join(lines[i:end])[:1500])
+        recap = self.output.split("PLAY RECAP", 1)[-1] if "PLAY RECAP" in self.output else ""
+        text = f"exit {self.rc}; {' '.join(self.argv[1:])}\n" + "\n".join(blocks) + "\nPLAY RECAP" + recap
+        return text[-limit:]
+
+    def __repr__(self) -> str:  # pytest prints this in assertion introspection: keep it short
+        return f"Run(rc={self.rc}, {Path(self.argv[3]).name if len(self.argv) > 3 else self.argv}, {self.wall_s:.0f} s)"
+
 
 def env(**extra: str) -> dict[str, str]:
     base = dict(os.environ)
@@ -253,7 +271,7 @@ def fleet() -> Generator[Run, None, None]:
     try:
         first = playbook("site.yml", "-e", '{"rollout_batches": ["100%"]}')
         if first.rc != 0:
-            pytest.fail(f"the first rollout of the fleet failed (exit {first.rc}):\n{first.output[-6000:]}", pytrace=False)
+            pytest.fail(f"the first rollout of the fleet failed:\n{first.failures()}", pytrace=False)
         FIGURES["first rollout, 4 hosts in one batch (runtime build included), s"] = round(first.wall_s, 1)
         yield first
     finally:

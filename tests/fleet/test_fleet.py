@@ -83,7 +83,7 @@ def test_first_rollout_serves_the_planned_generation_everywhere(fleet: Run) -> N
 
 def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
     run = playbook("site.yml")
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     counts = recap(run)
     assert set(counts) == set(HOSTS)
     assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), counts
@@ -97,7 +97,7 @@ def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
 
 def test_check_diff_on_the_converged_fleet_reports_no_change() -> None:
     run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}')
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     assert all(c["changed"] == 0 for c in recap(run).values()), recap(run)
 
 
@@ -119,7 +119,7 @@ def test_drift_names_a_changed_unit_and_the_switch_repairs_it() -> None:
     assert {h for h, v in doc["hosts"].items() if v["drift"]} == {"fl4"}
     assert [d["what"] for d in doc["hosts"]["fl4"]["drift"]] == ["unit-changed"]
     run = playbook("playbooks/switch.yml", "-l", "fl4")
-    assert run.rc == 0 and recap(run)["fl4"]["changed"] >= 1, run.output[-3000:]
+    assert run.rc == 0 and recap(run)["fl4"]["changed"] >= 1, run.failures()
     assert drift()[0] == 0
 
 
@@ -131,8 +131,8 @@ def test_a_weight_corrupted_in_the_mirror_is_refused_and_fl1_keeps_serving(scrat
         f.seek(4096)
         f.write(bytes([byte[0] ^ 0xFF]))
     run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
-    assert run.rc != 0
-    assert "model.safetensors does not match its pin" in run.output
+    assert run.rc != 0, run.failures()
+    assert "model.safetensors does not match its pin" in run.output, run.failures()
     assert not machine_path("fl1", v.store_path()).exists()
     assert_serving(["fl1"], STATE["G0"])
     assert run.host_summary("fl1")["generation_after"] in (None, STATE["G0"]["fl1"])
@@ -164,7 +164,7 @@ def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_comp
     assert_serving(["fl1"], STATE["G0"])
 
     run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     assert (store / ".llmfleet-complete").is_file() and not partial.exists()
     assert (store / "padding.bin").stat().st_size == 384 << 20
     STATE["G4"] = planned(v.lock)
@@ -179,7 +179,7 @@ def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path) -> N
     watch = Downtime("fl3")
     run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
     down = watch.stop()
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     assert_serving(HOSTS, g2)
     for host in HOSTS:
         assert served_root(host) == v.store_path()
@@ -197,7 +197,7 @@ def test_manual_rollback_serves_the_previous_generation_and_its_downtime_is_meas
     watch = Downtime("fl2")
     run = playbook("playbooks/rollback.yml", "-l", "fl2")
     down = watch.stop()
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     assert_serving(["fl2"], STATE["G0"])
     assert history("fl2")[-1]["reason"].startswith("manual rollback")
     FIGURES["manual rollback downtime of fl2 (G2 -> G0), s"] = down
@@ -207,7 +207,7 @@ def test_manual_rollback_serves_the_previous_generation_and_its_downtime_is_meas
     watch = Downtime("fl2")
     run = playbook("site.yml", "-l", "fl2", *v.extra_vars(), lock=v.lock)
     down = watch.stop()
-    assert run.rc == 0, run.output[-4000:]
+    assert run.rc == 0, run.failures()
     assert_serving(["fl2"], STATE["G2"])
     FIGURES["switch downtime of fl2 (G0 -> G2 by site.yml), s"] = down
 
@@ -216,9 +216,9 @@ def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scr
     v = variant(scratch, "broken", lambda d: edit_json(d / "config.json", hidden_size=256))
     broken = planned(v.lock)
     run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
-    assert run.rc != 0
-    assert "is not healthy" in run.output and f"Rolled back to generation {STATE['G2']['fl1']}" in run.output
-    assert "Lines that name an error" in run.output  # the journal excerpt
+    assert run.rc != 0, run.failures()
+    assert "is not healthy" in run.output and f"Rolled back to generation {STATE['G2']['fl1']}" in run.output, run.failures()
+    assert "Lines that name an error" in run.output, run.failures()  # the journal excerpt
     assert_serving(HOSTS, STATE["G2"])
     assert history("fl1")[-1]["reason"].startswith("automatic: switch")
     assert machine_path("fl1", f"{ROOT}/generations/{broken['fl1']}/failed.json").is_file()
@@ -241,8 +241,8 @@ def test_a_verify_miss_in_a_later_batch_rolls_that_host_back_and_stops_the_rollo
     target_gen = planned(v.lock, inventory)["fl3"]
     argv = ["-i", str(inventory), *v.extra_vars(), "-e", '{"rollout_batches": [1, 1, 1, 1]}']
     run = playbook("site.yml", *argv, lock=v.lock)
-    assert run.rc != 0
-    assert "output_tokens_per_s: measured" in run.output and "Rolled back to generation" in run.output
+    assert run.rc != 0, run.failures()
+    assert "output_tokens_per_s: measured" in run.output and "Rolled back to generation" in run.output, run.failures()
     assert_serving(HOSTS, STATE["G2"])
     assert machine_path("fl3", f"{ROOT}/generations/{target_gen}/failed.json").is_file()
     assert "[fl4]" not in run.output.split("PLAY [Rollout", 1)[1]  # its batch never started
@@ -258,8 +258,8 @@ def test_an_unreachable_host_is_counted_and_the_rest_of_the_fleet_stays_consiste
         run = playbook("site.yml")  # back to the lock's pin: a change for every host
     finally:
         subprocess.run(["iptables", "-w", "-D", *rule], check=True)
-    assert run.rc != 0
-    assert "fl4 is unreachable when its batch starts" in run.output
+    assert run.rc != 0, run.failures()
+    assert "fl4 is unreachable when its batch starts" in run.output, run.failures()
     assert_serving(["fl1", "fl2"], STATE["G0"])
     assert_serving(["fl3", "fl4"], STATE["G2"])  # fl3 shared fl4's batch: stopped before it switched
     assert run.host_summary("fl4")["status"] == "unreachable"
@@ -276,7 +276,7 @@ def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switche
     keep = {STATE["G0"]["fl1"], STATE["G2"]["fl1"]}
     store_before = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
     run = playbook("playbooks/gc.yml", "-l", "fl1", "-e", "gc_keep=2")
-    assert run.rc == 0, run.output[-3000:]
+    assert run.rc == 0, run.failures()
     assert generations("fl1") == keep
     assert STATE["G4"]["fl1"] in before - keep
     store_after = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
@@ -287,7 +287,7 @@ def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switche
     assert store_after == needed and store_after < store_before
     for gid in (STATE["G2"]["fl1"], STATE["G0"]["fl1"]):
         run = playbook("playbooks/rollback.yml", "-l", "fl1", "-e", f"rollback_to={gid}")
-        assert run.rc == 0, run.output[-3000:]
+        assert run.rc == 0, run.failures()
         assert_serving(["fl1"], gid)
     assert served_root("fl1") != v.store_path()
     assert ssh("fl1", "ls /var/lib/llmfleet/store | wc -l").strip() == str(len(needed))
