@@ -9,6 +9,10 @@ server counts them, BOS included) and ``--output-tokens`` output tokens with ``i
 each run's output tokens/s and TTFT p50 as each client reports them, the medians and their
 difference, against the 5 % agreement target; then stops the server it started.
 
+The clients run on the last CPU alone and the server it starts on the others (``--no-split``: all
+share): on a small machine a client that waits for a CPU adds that wait to its own TTFT, and the two
+clients are not equally heavy, so the comparison would measure the clients' CPU needs, not the server.
+
 verify runs as its command line (``tools/verify.py --url … --no-ladder --no-history``) each time;
 ``vllm bench serve`` runs as its own ``main()`` with the command line's arguments, in one process
 kept for the whole bench (the CLI subcommand calls exactly that), so that vLLM's 30 s import is paid
@@ -56,11 +60,24 @@ def free_port() -> int:
         return port
 
 
-def start_server(python: Path, port: int, state: Path) -> subprocess.Popen[bytes]:
+def partition(split: bool) -> tuple[set[int] | None, int | None]:
+    """The server's CPUs and the client's: the last usable CPU for the client, the rest for the server.
+
+    On a small machine the client and the server otherwise take turns on the same cores and each
+    client's TTFT holds its own wait for a CPU, which differs between clients (vLLM's asyncio client
+    and verify.py's threads are not equally heavy)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not split or len(cpus) < 2:
+        return None, None
+    return set(cpus[:-1]), cpus[-1]
+
+
+def start_server(python: Path, port: int, state: Path, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0",
+        # vLLM's CPU engine binds its OpenMP threads to these cores (one thread each)
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(cpus))) if cpus else "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_CACHE_ROOT": str(state),
@@ -73,7 +90,12 @@ def start_server(python: Path, port: int, state: Path) -> subprocess.Popen[bytes
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--kv-cache-memory-bytes", "268435456", "--enforce-eager",
     ]  # fmt: skip
     log = (state / "server.log").open("wb")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> float:
@@ -131,10 +153,10 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.2f}–{max(values):.2f}"
 
 
-def run_client(name: str, python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int) -> Figures:
+def run_client(name: str, python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int, cpu: int | None) -> Figures:
     out = tmp / f"{name}-{i}.json"
     if name == "verify":
-        rc, tail, _ = peers.run_pinned(peers.verify_cmd(python, url, w, out), None)
+        rc, tail, _ = peers.run_pinned(peers.verify_cmd(python, url, w, out), cpu)
         if rc not in (0, 2) or not out.exists():
             raise SystemExit(f"bench: verify failed (exit {rc}):\n{tail}")
         fig = peers.verify_figures(out)
@@ -156,7 +178,13 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument(
+        "--no-split", action="store_true",
+        help="let the server and the clients share every CPU (default: the clients get the last CPU to themselves, "
+        "the server it starts the others)",
+    )
     args = p.parse_args()
+    server_cpus, client_cpu = partition(not args.no_split)
 
     python = peers.runtime_python()
     w = Workload(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens)
@@ -168,9 +196,12 @@ def main() -> int:
     try:
         if url is None:
             url = f"http://127.0.0.1:{free_port()}"
-            proc = start_server(python, int(url.rsplit(":", 1)[1]), tmp)
+            proc = start_server(python, int(url.rsplit(":", 1)[1]), tmp, server_cpus)
             print(f"vLLM server (pid {proc.pid}) starting at {url} …", flush=True)
-        vllm = peers.VllmBench(python, shim)  # imports vLLM while the server loads
+        if client_cpu is not None:
+            where = f"CPUs {sorted(server_cpus or ())}" if proc is not None else "where it runs"
+            print(f"clients on CPU {client_cpu} alone, the server on {where}", flush=True)
+        vllm = peers.VllmBench(python, shim, {client_cpu} if client_cpu is not None else None)  # imports vLLM while the server loads
         print(f"ready after {wait_ready(url, proc, args.ready_timeout):.0f} s", flush=True)
         runs: dict[str, list[Figures]] = {"verify": [], "vllm": []}
         gap: dict[str, list[float]] = {"verify": [], "vllm": []}  # client TTFT mean − the server's, ms
@@ -178,7 +209,7 @@ def main() -> int:
             order = ("verify", "vllm") if i % 2 == 0 else ("vllm", "verify")
             for name in order:
                 s0 = server_state(url)
-                f = run_client(name, python, url, w, tmp, vllm, i)
+                f = run_client(name, python, url, w, tmp, vllm, i, client_cpu)
                 s1 = server_state(url)
                 d = s1.ttft - s0.ttft if s0.ttft is not None and s1.ttft is not None else None
                 srv = (d.mean or 0.0) * 1000 if d is not None else float("nan")

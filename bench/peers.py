@@ -110,9 +110,16 @@ for line in sys.stdin:
 class VllmBench:
     """A long-lived ``vllm bench serve`` (its ``main()``), fed one argument list per run."""
 
-    def __init__(self, python: Path | str, shim: Path) -> None:
+    def __init__(self, python: Path | str, shim: Path, cpus: set[int] | None = None) -> None:
         pipe, env = subprocess.PIPE, vllm_env(shim)
-        self.proc = subprocess.Popen([str(python), "-c", _WORKER], stdin=pipe, stdout=pipe, stderr=subprocess.STDOUT, text=True, env=env)
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.proc = subprocess.Popen(
+            [str(python), "-c", _WORKER], stdin=pipe, stdout=pipe, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=pin
+        )
         self._wait("ready")
 
     def _wait(self, what: str) -> None:

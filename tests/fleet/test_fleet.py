@@ -215,7 +215,9 @@ def test_manual_rollback_serves_the_previous_generation_and_its_downtime_is_meas
 def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scratch: Path) -> None:
     v = variant(scratch, "broken", lambda d: edit_json(d / "config.json", hidden_size=256))
     broken = planned(v.lock)
+    watch = Downtime("fl1")
     run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
+    down = watch.stop()
     assert run.rc != 0, run.failures()
     assert "is not healthy" in run.output and f"Rolled back to generation {STATE['G2']['fl1']}" in run.output, run.failures()
     assert "Lines that name an error" in run.output, run.failures()  # the journal excerpt
@@ -228,6 +230,8 @@ def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scr
         assert run.host_summary(host)["status"] == "not reached"
     canary = run.host_summary("fl1")
     assert canary["rolled_back"] and canary["rolled_back_to"] == STATE["G2"]["fl1"] and canary["status"] == "failed"
+    FIGURES["broken pin: canary fl1 down, from the switch until rolled back and healthy, s"] = down
+    FIGURES["broken pin: the whole run (stopped after the canary), s"] = round(run.wall_s, 1)
 
 
 def test_a_verify_miss_in_a_later_batch_rolls_that_host_back_and_stops_the_rollout(scratch: Path) -> None:
