@@ -90,12 +90,7 @@ def start_server(python: Path, port: int, state: Path, cpus: set[int] | None = N
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--kv-cache-memory-bytes", "268435456", "--enforce-eager",
     ]  # fmt: skip
     log = (state / "server.log").open("wb")
-
-    def pin() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=peers.on_cpus(cpus))
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> float:

@@ -173,7 +173,7 @@ class Server:
             [sys.executable, __file__, "--serve", "--events-per-write", str(per_write)],
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+            preexec_fn=peers.on_cpus({cpu}),
         )
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())

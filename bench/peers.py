@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,18 +107,24 @@ for line in sys.stdin:
 """
 
 
+def on_cpus(cpus: set[int] | None) -> Callable[[], None]:
+    """A ``preexec_fn`` that pins the child (and all it starts) to ``cpus``; ``None`` leaves it free."""
+
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return pin
+
+
 class VllmBench:
     """A long-lived ``vllm bench serve`` (its ``main()``), fed one argument list per run."""
 
     def __init__(self, python: Path | str, shim: Path, cpus: set[int] | None = None) -> None:
         pipe, env = subprocess.PIPE, vllm_env(shim)
-
-        def pin() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
         self.proc = subprocess.Popen(
-            [str(python), "-c", _WORKER], stdin=pipe, stdout=pipe, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=pin
+            [str(python), "-c", _WORKER], stdin=pipe, stdout=pipe, stderr=subprocess.STDOUT, text=True, env=env,
+            preexec_fn=on_cpus(cpus),
         )
         self._wait("ready")
 
@@ -257,11 +263,7 @@ class CpuSampler:
 
 def run_pinned(cmd: Sequence[str], cpu: int | None, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, str, CpuSampler]:
     """Run ``cmd`` (pinned to ``cpu`` when given) while sampling its CPU time; return rc, output tail, sampler."""
-
-    def pin() -> None:
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
-
+    pin = on_cpus({cpu} if cpu is not None else None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=pin)
     sampler = CpuSampler(proc.pid)
     try:
