@@ -45,6 +45,11 @@ class Behaviour:
     max_parallel: int | None = None  # streams served at once; more wait (throughput stops growing there)
 
 
+def toy_token_keys(text: str) -> list[tuple[str, int]]:
+    """What each toy token stands for (its word and place in the word): the prefix cache's identity."""
+    return [("<s>", 0)] + [(word, j) for word in text.split() for j in range(1 + len(word) // 5)]
+
+
 def toy_tokens(text: str) -> list[int]:
     tokens = [1]  # BOS
     for word in text.split():
@@ -63,6 +68,9 @@ class State:
     completion_requests: int = 0
     stream_requests: int = 0
     authorizations: list[str | None] = field(default_factory=list)
+    prefix_blocks: set[int] = field(default_factory=set)  # hashes of the full blocks seen (each chained to its prefix)
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -144,6 +152,7 @@ class FakeVllm:
             if self.b.overlong != "accept":
                 return _error(400, f"max_tokens must be at least 1, got {n}.", "BadRequestError")
             n = 1
+        self._prefix_cache(body["prompt"])
         bad = self.b.completions if index >= self.b.bad_after else "good"
         if bad == "short":
             n = max(1, n // 2)
@@ -208,6 +217,21 @@ class FakeVllm:
         await resp.write_eof()
         return resp
 
+    def _prefix_cache(self, prompt: str) -> None:
+        """As vLLM's automatic prefix caching: full blocks of the prompt, each keyed by all tokens up to its end;
+        the leading run of blocks already held counts as hits."""
+        keys = toy_token_keys(prompt)
+        bs = self.b.block_size
+        self.state.prefix_queries += len(keys)
+        h, hit = 0, True
+        for end in range(bs, len(keys) + 1, bs):
+            h = hash((h, tuple(keys[end - bs : end])))
+            if hit and h in self.state.prefix_blocks:
+                self.state.prefix_hits += bs
+            else:
+                hit = False
+            self.state.prefix_blocks.add(h)
+
     def _count(self, prompt_tokens: int, output_tokens: int, ttft: float | None) -> None:
         self.state.prompt_tokens += prompt_tokens
         self.state.generation_tokens += output_tokens
@@ -225,6 +249,10 @@ class FakeVllm:
             f"vllm:generation_tokens_total{{{lab}}} {float(self.state.generation_tokens)}",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{lab}}} {float(self.state.prompt_tokens)}",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{{{lab}}} {float(self.state.prefix_queries)}",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{{{lab}}} {float(self.state.prefix_hits)}",
             "# TYPE vllm:request_success_total counter",
             f'vllm:request_success_total{{{lab},finished_reason="length"}} {float(self.state.request_success)}',
             "# TYPE vllm:time_to_first_token_seconds histogram",

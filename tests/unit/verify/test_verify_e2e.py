@@ -49,8 +49,10 @@ def test_good_server_meets_targets_with_exact_counts(run_cli: RunCli, tmp_path: 
         "requests_per_s": "info",
         "server_generation_tokens": "pass",
         "server_prompt_tokens": "pass",
+        "prefix_cache_hits": "info",
         "client_cpu": "info",
     }
+    assert c["prefix_cache_hits"]["measured"] == "0.0%"
     assert c["kv_cache_tokens"]["measured"] == 1024 * 16
     assert c["context_tokens"]["measured"] == 2048
     load = env["load"]
@@ -66,6 +68,29 @@ def test_good_server_meets_targets_with_exact_counts(run_cli: RunCli, tmp_path: 
     assert server["load_metrics"]["generation_tokens_delta"] == 200 and server["load_metrics"]["prompt_tokens_delta"] == 500
     assert server["context_probe"]["answered_prompt_tokens"] == 2044 and server["context_probe"]["answered_output_tokens"] == 4
     assert server["version"] == "0.32.0-fake" and server["max_model_len"] == 2048
+
+
+def test_each_run_sends_prompts_the_prefix_cache_has_not_seen(run_cli: RunCli) -> None:
+    """A second run against the same server (on-call after the rollout's verify) must not have its prefill
+    served from the first run's cache; a repeated --prompt-seed does, and verify says so."""
+    load = ("--no-ladder", "--no-history", "--json", "--concurrency", "2", "--requests", "6", "--prompt-tokens", "50")
+    with serve() as (url, fake):
+        first, second = (envelope(run_cli("--url", url, *load).out) for _ in range(2))
+        assert fake.state.prefix_hits == 0 and len(set(fake.state.prompts)) == 12
+        assert first["load"]["prompt_seed"] != second["load"]["prompt_seed"]
+        for env in (first, second):
+            assert checks(env)["prefix_cache_hits"]["verdict"] == "info"
+            assert env["server"]["load_metrics"]["prefix_cache_hits_delta"] == 0
+            assert env["server"]["load_metrics"]["prefix_cache_queries_delta"] == 6 * 50
+
+        again = [run_cli("--url", url, *load, "--prompt-seed", "7") for _ in range(2)]
+    assert [r.code for r in again] == [0, 0]  # worth a look, not a missed target
+    fresh, repeated = (envelope(r.out) for r in again)
+    assert fresh["load"]["prompt_seed"] == repeated["load"]["prompt_seed"] == 7
+    assert checks(fresh)["prefix_cache_hits"]["verdict"] == "info"
+    c = checks(repeated)["prefix_cache_hits"]
+    assert c["verdict"] == "warn" and c["measured"] == "96.0%"  # 3 full blocks of 16 of each 50-token prompt
+    assert "288 of 300 prompt tokens served from the prefix cache" in c["detail"] and "TTFT is flattered" in c["detail"]
 
 
 def test_human_output(run_cli: RunCli) -> None:
@@ -245,6 +270,7 @@ def test_plan_instance(run_cli: RunCli, tmp_path: Path, monkeypatch: pytest.Monk
     [
         ((), "usage: give --plan FILE or --url URL"),
         (("--url", "http://h:1", "--requests", "0"), "usage: argument --requests: must be > 0: '0'"),
+        (("--url", "http://h:1", "--prompt-seed", "0"), "usage: argument --prompt-seed: must be > 0: '0'"),
         (("--url", "http://h:1", "--bogus"), "usage: unrecognized arguments: --bogus"),
         (("--plan", "/nonexistent/plan.json"), "cannot read plan /nonexistent/plan.json"),
         (("--url", "localhost:8000"), "invalid URL 'localhost:8000'"),

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--requests", type=_positive(int), metavar="N", help="requests at the target level (default 16; more at wider levels)")
     ld.add_argument("--prompt-tokens", type=_positive(int), metavar="N", help="prompt length in tokens (default 64)")
     ld.add_argument("--output-tokens", type=_positive(int), metavar="N", help="output length in tokens (default 32)")
+    ld.add_argument(
+        "--prompt-seed",
+        type=_positive(int),
+        metavar="N",
+        help="seed of the first load prompt, to send the same prompts again (default: a random one per run, so that the "
+        "server's prefix cache holds none of them; the JSON records it)",
+    )
 
     ld.add_argument("--sweep", action="store_true", help="also sweep concurrency 1, 2, 4, ... until output tokens/s stops growing")
     ld.add_argument("--sweep-max-concurrency", type=_positive(int), default=64, metavar="N", help="largest sweep level (default 64)")
@@ -194,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> VerifyConfig:
         "ladder": not args.no_ladder,
         "shared_server": args.shared_server,
         "regression_tolerance": args.regression_tolerance,
+        "prompt_seed": args.prompt_seed,
     }
     history = None if args.no_history else args.history
     if args.plan:

@@ -161,6 +161,9 @@ class VerifyConfig:
     shared_server: bool = False
     history_dir: str | None = None
     regression_tolerance: float = 0.2
+    #: the first load prompt's seed (the others follow); None: a random one per run, so that no run
+    #: finds an earlier one's prompts in the server's prefix cache
+    prompt_seed: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -172,6 +175,8 @@ class VerifyConfig:
         ctx = self.targets.min_context_tokens
         if ctx is not None and ctx <= self.context_probe_output_tokens:
             raise VerifyError(f"min_context_tokens must be > {self.context_probe_output_tokens}, got {ctx}")
+        if self.prompt_seed is not None and not 1 <= self.prompt_seed < 10**12:
+            raise VerifyError(f"prompt seed must be >= 1 and < 10**12 (0 is the context probe's), got {self.prompt_seed}")
         if not 0 <= self.regression_tolerance < 1:
             raise VerifyError(f"regression tolerance must be >= 0 and < 1, got {self.regression_tolerance}")
         if self.sweep is not None and not 0 <= self.sweep.min_gain < 10:

@@ -29,6 +29,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -66,6 +67,13 @@ KV_RATIO_WARN = (0.8, 1.25)
 LADDER_MAX_SEARCH = 12
 #: seeds of ladder and load prompts start here (distinct first tokens: no prefix-cache hits)
 LADDER_SEED = 1_000_000
+#: a run's load prompts take seeds from a random start in this range (``--prompt-seed`` fixes it): a
+#: second run against the same server must not find the first run's prompts in its prefix cache
+LOAD_SEEDS = (100_000_000, 1_000_000_000)
+#: prompt tokens served from the prefix cache over the load, as a share of all: above this TTFT is flattered
+PREFIX_HIT_WARN = 0.01
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 
 class Progress(Protocol):
@@ -83,6 +91,7 @@ class LevelRun:
     summary: LoadSummary
     results: list[RequestResult | None]
     client_cpu_s: float
+    prompt_seed: int = 0  # the first load prompt's seed; the others follow it
     server: dict[str, Any] = field(default_factory=dict)  # counter deltas and histograms over the level
 
     @property
@@ -101,6 +110,7 @@ class LevelRun:
             "requests": self.summary.planned,
             "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens,
+            "prompt_seed": self.prompt_seed,
             **self.summary.as_dict(),
             "client_cpu_share": round(self.client_cpu_share, 4),
             "errors": [{"error": e, "count": n} for e, n in self.errors],
@@ -422,7 +432,10 @@ class _Run:
         self.server["url"] = str(self.endpoint)
         self.conn = self._connection()
         self.builder = PromptBuilder(self.count_tokens)
-        self.next_seed = 1  # load prompts: seed 0 is the context probe's, whose first blocks must not be cached for them
+        # load prompts: seed 0 is the context probe's and 1_000_000 + n the ladder's, whose first blocks must not be
+        # cached for them; a random start per run (unless fixed) keeps an earlier run's prompts out of the cache too
+        seed = config.prompt_seed
+        self.next_seed = seed if seed is not None else secrets.randbelow(LOAD_SEEDS[1] - LOAD_SEEDS[0]) + LOAD_SEEDS[0]
         self.before: prometheus.Exposition | str = "not read yet"  # the last scrape before the next level
 
     def _connection(self, timeouts: Timeouts | None = None) -> Connection:
@@ -792,6 +805,7 @@ class _Run:
         if self.config.sweep is not None:
             await self.run_sweep(measured)
         self._cross_checks()
+        self._prefix_cache()
         self._physics()
         self._client_cpu()
 
@@ -802,6 +816,7 @@ class _Run:
         assert model is not None
         workers = min(concurrency, requests)
         conns = [self._connection() for _ in range(workers)]
+        first_seed = self.next_seed
         try:
             prompts = await self._build_prompts(conns, spec.prompt_tokens, requests)
             before = self.before
@@ -816,7 +831,7 @@ class _Run:
             for c in conns:
                 c.close()
         self.before = after
-        run = LevelRun(concurrency, phase, summary, results, cpu)
+        run = LevelRun(concurrency, phase, summary, results, cpu, first_seed)
         run.server = self._deltas(before, after)
         self.outcome.levels.append(run)
         if summary.failed:
@@ -931,6 +946,8 @@ class _Run:
         info["prompt_tokens_delta"] = delta(PROMPT_TOKENS)
         info["request_success_delta"] = delta("vllm:request_success_total")
         info["preemptions_delta"] = delta("vllm:num_preemptions_total")
+        info["prefix_cache_queries_delta"] = delta(PREFIX_QUERIES)
+        info["prefix_cache_hits_delta"] = delta(PREFIX_HITS)
         hist: dict[str, Any] = {}
         for key, names in SERVER_HISTOGRAMS.items():
             for name in names:
@@ -964,6 +981,26 @@ class _Run:
             n = len(levels)
             detail = f"{metric} delta vs client usage" + (f", {n} levels" if n > 1 else "")
             self.check(agrees(name, server, client, detail, shared=self.config.shared_server))
+
+    def _prefix_cache(self) -> None:
+        """Prompt tokens the server took from its prefix cache over the load: none when the prompts were new to it.
+
+        Hits mean the TTFT figures are flattered (prefill skipped): the same prompts as an earlier run
+        (``--prompt-seed``), or another client's traffic."""
+        levels = self.outcome.levels
+        queries = [lv.server.get("prefix_cache_queries_delta") for lv in levels]
+        hits = [lv.server.get("prefix_cache_hits_delta") for lv in levels]
+        if not levels or any(x is None for x in (*queries, *hits)):
+            return  # no prefix caching metrics (prefix caching off, or an older vLLM)
+        q, h = sum(x or 0.0 for x in queries), sum(x or 0.0 for x in hits)
+        share = h / q if q > 0 else 0.0
+        detail = f"{h:.0f} of {q:.0f} prompt tokens served from the prefix cache during the load"
+        verdict = Verdict.INFO
+        if share > PREFIX_HIT_WARN:
+            verdict = Verdict.WARN
+            why = "another client's traffic" if self.config.shared_server else "prompts the server had seen (a repeated --prompt-seed?)"
+            detail += f": TTFT is flattered, prefill was skipped for {share:.0%} of the prompt tokens ({why})"
+        self.check(Check("prefix_cache_hits", f"{share:.1%}", f"<= {PREFIX_HIT_WARN:.0%}", verdict, "", detail))
 
     def _physics(self) -> None:
         """Decode tokens/s per sequence (1 / TPOT p50 at the lowest concurrency) against the planner's bound."""
