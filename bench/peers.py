@@ -31,7 +31,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def runtime_python(key: str = RUNTIME) -> Path:
-    """The runtime venv's interpreter (built from the wheelhouse when absent, about 10 s)."""
+    """The runtime venv's interpreter (built from the wheelhouse when absent, about 10 s), or
+    ``$LLMFLEET_RUNTIME_PYTHON`` where a venv of the same wheels was built another way (a host
+    without the control venv, such as a bigger machine lent for one bench)."""
+    explicit = os.environ.get("LLMFLEET_RUNTIME_PYTHON")
+    if explicit:
+        return Path(explicit)
     sys.path.insert(0, str(TOOLS))
     from llmfleet.pins import load_lock
     from llmfleet.runtime_env import ensure_runtime_venv
@@ -75,17 +80,21 @@ def verify_cmd(python: Path | str, url: str, w: Workload, out_json: Path) -> lis
     ]  # fmt: skip
 
 
-def vllm_cmd(python: Path | str, url: str, model: str, tokenizer: Path, w: Workload, result_dir: Path, name: str) -> list[str]:
+def vllm_cmd(
+    python: Path | str, url: str, model: str, tokenizer: Path, w: Workload, result_dir: Path, name: str, seed: int = 0
+) -> list[str]:
     """``vllm bench serve`` with the same workload: random prompts of exactly ``prompt_tokens`` (BOS
     included, as the server counts them), ``ignore_eos`` with ``max_tokens = output_tokens``,
-    ``max_concurrency`` streams, all requests queued at once (request rate inf)."""
+    ``max_concurrency`` streams, all requests queued at once (request rate inf). ``seed`` picks the
+    random prompts: the same seed sends the same prompts again, and the server's prefix cache then
+    skips their prefill (verify.py takes a new seed each run by itself)."""
     return [
         str(python), "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai", "--endpoint", "/v1/completions",
         "--base-url", url, "--model", model, "--tokenizer", str(tokenizer), "--dataset-name", "random",
         "--random-input-len", str(w.prompt_tokens), "--random-output-len", str(w.output_tokens), "--random-range-ratio", "0",
         "--num-prompts", str(w.requests), "--max-concurrency", str(w.concurrency), "--ignore-eos", "--temperature", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--disable-tqdm",
-        "--save-result", "--result-dir", str(result_dir), "--result-filename", name,
+        "--save-result", "--result-dir", str(result_dir), "--result-filename", name, "--seed", str(seed),
     ]  # fmt: skip
 
 
@@ -105,6 +114,19 @@ for line in sys.stdin:
     except BaseException as exc:
         print("@@error " + repr(exc), flush=True)
 """
+
+
+def cpu_list(text: str) -> set[int]:
+    """``0-3,6`` → {0, 1, 2, 3, 6} (the kernel's cpulist format, as taskset and cpusets write it)."""
+    cpus: set[int] = set()
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise ValueError(f"{text!r}: not a CPU list such as 0-3,6")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    if not cpus:
+        raise ValueError(f"{text!r}: no CPU named")
+    return cpus
 
 
 def on_cpus(cpus: set[int] | None) -> Callable[[], None]:
@@ -141,10 +163,17 @@ class VllmBench:
 
     def run(self, cmd: Sequence[str]) -> None:
         """``cmd``: a full ``vllm bench serve`` command line (as :func:`vllm_cmd` builds it)."""
+        self.submit(cmd)
+        self.wait()
+
+    def submit(self, cmd: Sequence[str]) -> None:
+        """Start a run and return at once; :meth:`wait` for its end."""
         argv = list(cmd)[list(cmd).index("serve") + 1 :]
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(argv) + "\n")
         self.proc.stdin.flush()
+
+    def wait(self) -> None:
         self._wait("done")
 
     def close(self) -> None:
