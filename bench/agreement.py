@@ -69,8 +69,10 @@ def free_port() -> int:
         return port
 
 
-def layout(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[set[int] | None, set[int] | None, int | None]:
-    """The server's CPUs, its engine's compute (OpenMP) CPUs and the clients' CPU.
+def layout(
+    args: argparse.Namespace, p: argparse.ArgumentParser
+) -> tuple[set[int] | None, set[int] | None, int | None, int | None]:
+    """The server's CPUs, its engine's compute (OpenMP) CPUs, verify's CPU and ``vllm bench serve``'s.
 
     Default: the clients get the last usable CPU alone, the server the others. On a small machine the
     client and the server otherwise take turns on the same cores and each client's TTFT holds its own
@@ -79,17 +81,20 @@ def layout(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[set[in
     least one: the engine's scheduler and the API server run on the rest."""
     usable = sorted(os.sched_getaffinity(0))
     if args.no_split or len(usable) < 2:
-        return None, None, None
+        return None, None, None, None
     client = args.client_cpu if args.client_cpu is not None else usable[-1]
-    server = args.server_cpus or set(usable) - {client}
+    peer = args.peer_cpu if args.peer_cpu is not None else client
+    server = args.server_cpus or set(usable) - {client, peer}
     omp = args.omp_cpus or set(sorted(server)[: max(1, len(server) - 2)])
-    if client not in usable or not server <= set(usable):
-        p.error(f"--server-cpus and --client-cpu must be CPUs this process may use: {usable}")
-    if client in server:
-        p.error(f"--client-cpu {client} is one of --server-cpus: the clients need a CPU of their own")
+    if not {client, peer} | server <= set(usable):
+        p.error(f"--server-cpus, --client-cpu and --peer-cpu must be CPUs this process may use: {usable}")
+    if not server:
+        p.error(f"--client-cpu {client} and --peer-cpu {peer} leave the server no CPU of {usable}")
+    if {client, peer} & server:
+        p.error(f"--client-cpu {client} or --peer-cpu {peer} is one of --server-cpus: the clients need CPUs of their own")
     if not omp <= server:
         p.error(f"--omp-cpus {sorted(omp)} must be among --server-cpus {sorted(server)}")
-    return server, omp, client
+    return server, omp, client, peer
 
 
 def cpus_arg(text: str) -> set[int]:
@@ -177,48 +182,53 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.2f}–{max(values):.2f}"
 
 
-def run_client(name: str, python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int, cpu: int | None) -> Figures:
-    out = tmp / f"{name}-{i}.json"
-    if name == "verify":
-        rc, tail, _ = peers.run_pinned(peers.verify_cmd(python, url, w, out), cpu)
-        if rc not in (0, 2) or not out.exists():
-            raise SystemExit(f"bench: verify failed (exit {rc}):\n{tail}")
-        fig = peers.verify_figures(out)
-    else:
-        vllm.run(peers.vllm_cmd(python, url, MODEL, peers.model_dir(MODEL), w, tmp, out.name, seed=1000 + i))
-        fig = peers.vllm_figures(out)
-        tail = ""
+def verify_result(rc: int | None, tail: str, out: Path) -> Figures:
+    """verify's figures from its JSON; it must have measured (exit 0 or 2: targets met or missed)."""
+    if rc not in (0, 2) or not out.exists():
+        raise SystemExit(f"bench: verify failed (exit {rc}):\n{tail[-3000:]}")
+    return peers.verify_figures(out)
+
+
+def completed(name: str, fig: Figures, w: Workload) -> Figures:
     if fig.failed or fig.completed != w.requests:
-        raise SystemExit(f"bench: {name}: {fig.completed} of {w.requests} requests completed:\n{tail}")
+        raise SystemExit(f"bench: {name}: {fig.completed} of {w.requests} requests completed")
     return fig
 
 
-def run_together(
-    python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int, cpus: tuple[int | None, int | None]
-) -> dict[str, Figures]:
+def run_alone(name: str, python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int, cpu: int | None) -> Figures:
+    out = tmp / f"{name}-{i}.json"
+    if name == "verify":
+        rc, tail, _ = peers.run_pinned(peers.verify_cmd(python, url, w, out), cpu)
+        return completed(name, verify_result(rc, tail, out), w)
+    vllm.run(peers.vllm_cmd(python, url, MODEL, peers.model_dir(MODEL), w, tmp, out.name, seed=1000 + i))
+    return completed(name, peers.vllm_figures(out), w)
+
+
+def run_together(python: Path, url: str, w: Workload, tmp: Path, vllm: peers.VllmBench, i: int, cpu: int | None) -> dict[str, Figures]:
     """Both clients at once, each with the workload's requests at half its concurrency: the server
     runs ``w.concurrency`` streams in all and each client sees the same server, moment by moment. The
     one started first alternates with the round (``i``): the few hundred milliseconds one runs alone
-    at the start fall to each in turn."""
+    at the start fall to each in turn. ``cpu``: verify's (``vllm`` was pinned when it started)."""
     out = {"verify": tmp / f"verify-{i}.json", "vllm": tmp / f"vllm-{i}.json"}
-    vcmd = peers.verify_cmd(python, url, w, out["verify"])
     bcmd = peers.vllm_cmd(python, url, MODEL, peers.model_dir(MODEL), w, tmp, out["vllm"].name, seed=1000 + i)
-    pin = peers.on_cpus({cpus[0]} if cpus[0] is not None else None)
+
+    def start_verify() -> subprocess.Popen[str]:
+        pin = peers.on_cpus({cpu} if cpu is not None else None)
+        vcmd = peers.verify_cmd(python, url, w, out["verify"])
+        return subprocess.Popen(vcmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+
     if i % 2 == 0:
-        verify = subprocess.Popen(vcmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+        verify = start_verify()
         vllm.submit(bcmd)
     else:
         vllm.submit(bcmd)
-        verify = subprocess.Popen(vcmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
+        verify = start_verify()
     vllm.wait()
     tail, _ = verify.communicate(timeout=600)
-    if verify.returncode not in (0, 2) or not out["verify"].exists():
-        raise SystemExit(f"bench: verify failed (exit {verify.returncode}):\n{tail[-3000:]}")
-    figs = {"verify": peers.verify_figures(out["verify"]), "vllm": peers.vllm_figures(out["vllm"])}
-    for name, fig in figs.items():
-        if fig.failed or fig.completed != w.requests:
-            raise SystemExit(f"bench: {name}: {fig.completed} of {w.requests} requests completed")
-    return figs
+    return {
+        "verify": completed("verify", verify_result(verify.returncode, tail, out["verify"]), w),
+        "vllm": completed("vllm", peers.vllm_figures(out["vllm"]), w),
+    }
 
 
 def main() -> int:
@@ -236,7 +246,7 @@ def main() -> int:
         "--omp-cpus", type=cpus_arg, metavar="LIST",
         help="CPUs of the engine's compute threads (default: the server's but the last two, at least one)",
     )  # fmt: skip
-    p.add_argument("--client-cpu", type=int, metavar="N", help="the CPU both clients run on, alone (default: the last)")
+    p.add_argument("--client-cpu", type=int, metavar="N", help="the CPU verify.py runs on, alone (default: the last)")
     p.add_argument(
         "--mode", choices=("together", "alternate"), default="together",
         help="together (default): both clients at once, each the requests at half the concurrency; alternate: one after "
@@ -248,12 +258,9 @@ def main() -> int:
         help="let the server and the clients share every CPU (default: the clients get a CPU to themselves, the server the others)",
     )
     args = p.parse_args()
-    server_cpus, omp_cpus, client_cpu = layout(args, p)
-    peer_cpu = args.peer_cpu if args.peer_cpu is not None else client_cpu
+    server_cpus, omp_cpus, client_cpu, peer_cpu = layout(args, p)
     if args.mode == "together" and args.concurrency < 2:
         p.error("--mode together needs --concurrency 2 or more: each client runs half of it")
-    if peer_cpu is not None and server_cpus and peer_cpu in server_cpus:
-        p.error(f"--peer-cpu {peer_cpu} is one of the server's CPUs {sorted(server_cpus)}")
 
     python = peers.runtime_python()
     w = Workload(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens)
@@ -272,25 +279,26 @@ def main() -> int:
             where = "where it runs"
             if proc is not None:
                 where = f"CPUs {sorted(server_cpus or ())} (compute threads on {sorted(omp_cpus or ())})"
-            print(f"clients on CPU {client_cpu} alone, the server on {where}", flush=True)
+            print(f"verify.py on CPU {client_cpu}, vllm bench serve on CPU {peer_cpu}, the server on {where}", flush=True)
         vllm = peers.VllmBench(python, shim, {peer_cpu} if peer_cpu is not None else None)  # imports vLLM while the server loads
         print(f"ready after {wait_ready(url, proc, args.ready_timeout):.0f} s", flush=True)
         runs: dict[str, list[Figures]] = {"verify": [], "vllm": []}
         gap: dict[str, list[float]] = {"verify": [], "vllm": []}  # client TTFT mean − the server's, ms
         for i in range(-args.warmup, args.rounds):
             order = ("verify", "vllm") if i % 2 == 0 else ("vllm", "verify")
-            together: dict[str, Figures] = {}
+            measured: dict[str, tuple[Figures, Server, Server]] = {}  # figures, server state before and after
             if args.mode == "together":
                 s0 = server_state(url)
-                together = run_together(python, url, each, tmp, vllm, i, (client_cpu, peer_cpu))
+                figs = run_together(python, url, each, tmp, vllm, i, client_cpu)
                 s1 = server_state(url)
-            for name in order:
-                if args.mode == "together":
-                    f = together[name]
-                else:
+                measured = {name: (figs[name], s0, s1) for name in order}
+            else:
+                for name in order:
                     s0 = server_state(url)
-                    f = run_client(name, python, url, w, tmp, vllm, i, client_cpu)
-                    s1 = server_state(url)
+                    f = run_alone(name, python, url, w, tmp, vllm, i, client_cpu)
+                    measured[name] = (f, s0, server_state(url))
+            for name in order:
+                f, s0, s1 = measured[name]
                 d = s1.ttft - s0.ttft if s0.ttft is not None and s1.ttft is not None else None
                 srv = (d.mean or 0.0) * 1000 if d is not None else float("nan")
                 if i >= 0:
