@@ -51,10 +51,8 @@ def toy_token_keys(text: str) -> list[tuple[str, int]]:
 
 
 def toy_tokens(text: str) -> list[int]:
-    tokens = [1]  # BOS
-    for word in text.split():
-        tokens.extend(100 + (len(word) % 50) for _ in range(1 + len(word) // 5))
-    return tokens
+    """The ids: BOS 1, then ``100 + len(word) % 50`` for each of a word's tokens."""
+    return [1] + [100 + len(word) % 50 for word, _ in toy_token_keys(text)[1:]]
 
 
 @dataclass
