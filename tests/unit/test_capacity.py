@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from llmfleet import capacity as cap
-from llmfleet.pins import ArchFacts
+from llmfleet.pins import ArchFacts, load_lock
 
-CATALOG = Path(__file__).resolve().parents[2] / "tools" / "llmfleet" / "catalog" / "models.yml"
-MODELS = yaml.safe_load(CATALOG.read_text())
+LOCK = load_lock()
 GiB = 1 << 30
 
 TINY = ArchFacts(
@@ -38,7 +35,7 @@ CUDA_019 = cap.EngineBehaviour(
 
 
 def facts(key: str) -> ArchFacts:
-    return ArchFacts.model_validate(MODELS[key]["architecture"])
+    return LOCK.models[key].architecture
 
 
 def cpu(f: ArchFacts = TINY, tp: int = 1, pp: int = 1, max_len: int = 2048, kv: int = 1 << 28, **kw: Any) -> dict[str, Any]:
@@ -242,8 +239,19 @@ def test_estimate_flag_marks_hybrid_grouping() -> None:
     assert g["kv"]["estimate"] is True
 
 
-def test_model_catalog_entries_validate() -> None:
+def test_model_catalog_states_only_facts_a_pin_also_carries() -> None:
     catalog = cap.model_catalog()
-    assert {"gemma-4-31b-it", "gemma-4-31b-it-nvfp4", "nemotron-3-nano-30b-a3b-nvfp4"} <= set(catalog)
+    assert {"gemma-4-31b-it", "gemma-4-31b-it-nvfp4"} <= set(catalog)
     for key, entry in catalog.items():
-        assert ArchFacts.model_validate(entry["architecture"]) == facts(key)
+        assert entry["facts"] and entry["sources"] and entry["source"].startswith("hf://")
+        pinned = facts(key).model_dump()
+        assert {k: pinned[k] for k in entry["facts"]} == entry["facts"], key
+
+
+def test_model_catalog_refuses_a_fact_the_planner_does_not_know(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from importlib import resources
+
+    (tmp_path / "models.yml").write_text("m:\n  source: hf://a/b\n  facts: {vision_params: 3}\n")
+    monkeypatch.setattr(resources, "files", lambda _pkg: tmp_path)
+    with pytest.raises(ValueError, match=r"unknown fact\(s\) vision_params"):
+        cap.model_catalog()

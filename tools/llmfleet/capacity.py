@@ -84,15 +84,20 @@ FORMAT_ALIASES: dict[str, str] = {
 
 
 def model_catalog() -> dict[str, dict[str, Any]]:
-    """``catalog/models.yml``: the production models' facts with their sources and doubts, keyed
-    like the lock's models (``source``, ``quantization``, ``facts_source``, ``uncertain``,
-    ``architecture``) — what a pin of one of these models should carry."""
+    """``catalog/models.yml``: per model key, the facts its checkpoint's files do not state
+    (``facts``, ArchFacts fields), with ``source``, ``sources`` and ``uncertain`` (see the file)."""
     text = resources.files("llmfleet.catalog").joinpath("models.yml").read_text()
-    data: dict[str, dict[str, Any]] = yaml.safe_load(text)
+    data: dict[str, dict[str, Any]] = yaml.safe_load(text) or {}
+    probe = {"architecture": "x", "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+             "hidden_size": 1, "max_position_embeddings": 1}  # fmt: skip
     for key, entry in data.items():
-        entry["architecture"] = ArchFacts.model_validate(entry["architecture"]).model_dump(exclude_defaults=True)
+        facts = entry.get("facts") or {}
+        unknown = sorted(set(facts) - set(ArchFacts.model_fields))
+        if unknown:
+            raise ValueError(f"catalog/models.yml {key}.facts: unknown fact(s) {', '.join(unknown)} (valid: ArchFacts fields)")
+        ArchFacts.model_validate(probe | facts)  # the values have the facts' types
+        entry["facts"] = facts
         entry.setdefault("uncertain", [])
-        assert isinstance(key, str)
     return data
 
 
