@@ -185,3 +185,30 @@ def test_facts_of_a_model_nobody_catalogued_come_from_its_config() -> None:
     assert f.hybrid_override_pattern == pattern and f.gated_mlp is False and f.num_experts == 128
     assert f.unquantized == ["attention", "lm_head"]
     assert f.shared_expert_intermediate_size == 3712 and f.mamba_n_groups == 8 and f.mamba_ssm_cache_dtype == "float32"
+
+
+def test_check_reports_each_fact_where_the_lock_or_the_catalog_and_the_checkpoint_disagree(
+    hub: TestHub, tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from testhub.checkpoints import GEMMA4_NVFP4_REPO
+
+    hub.publish(GEMMA4_NVFP4_REPO, production()[GEMMA4_NVFP4_REPO])
+    lock = _lock(tmp_path)
+    key = "gemma-4-31b-it-nvfp4"
+    assert main(["--lock", str(lock), "model", "add", key, f"hf://{GEMMA4_NVFP4_REPO}"]) == 0
+    assert main(["--lock", str(lock), "fetch", "--model", key]) == 0
+    capsys.readouterr()
+    # the catalog's vision tower (a secondary source) against the build's headers
+    assert main(["--lock", str(lock), "check", "--model", key]) == 2
+    out = capsys.readouterr().out
+    assert "fact extra_params: catalog/models.yml says 550000000, the checkpoint's files say 816" in out
+    # a lock edited by hand no longer says what the checkpoint's files say
+    doc = json.loads(lock.read_text())
+    doc["models"][key]["architecture"]["num_hidden_layers"] = 30
+    doc["models"][key]["architecture"]["layer_types"] = doc["models"][key]["architecture"]["layer_types"][:30]
+    doc["models"][key]["architecture"]["kv_cache_dtype"] = "bfloat16"
+    lock.write_text(json.dumps(doc))
+    assert main(["--lock", str(lock), "check", "--model", key]) == 2
+    out = capsys.readouterr().out
+    assert "fact num_hidden_layers: the lock says 30, the checkpoint's files say 60" in out
+    assert "fact kv_cache_dtype: the lock says 'bfloat16', the checkpoint's files say 'fp8'" in out
