@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from llmfleet import lab
 from llmfleet.lab import ExitCode, Host, LabError, RootfsSpec
 
@@ -397,3 +398,21 @@ def test_the_lab_folder_is_llmfleet_lab_dir_when_set_as_for_ansible(tmp_path: Pa
     assert paths.lab == tmp_path / "repo" / ".lab"
     monkeypatch.setenv("LLMFLEET_LAB_DIR", str(tmp_path / "shared"))
     assert paths.lab == tmp_path / "shared" and paths.key == tmp_path / "shared" / "ssh" / "id_ed25519"
+
+
+def test_status_check_names_the_hosts_that_are_down_and_the_command_that_starts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump(lab_doc({"lab1": {"ansible_host": "10.213.0.11"}, "lab2": {"ansible_host": "10.213.0.12"}})))
+    paths = lab.LabPaths(repo=tmp_path / "repo", cache=tmp_path / "cache")
+    up = {"lab1": True, "lab2": False}
+    monkeypatch.setattr(
+        lab, "host_status", lambda h, p: lab.HostStatus(h.name, str(h.ip), up[h.name], 7 if up[h.name] else None, up[h.name])
+    )
+    assert lab.main(["status", "--check", "-i", str(inventory)], paths) == 3
+    err = capsys.readouterr().err
+    assert "lab2 is not running or not reachable over ssh" in err and f"tools/lab.py up -i {inventory}" in err and "make lab-up" in err
+    up["lab2"] = True
+    assert lab.main(["status", "--check", "-i", str(inventory)], paths) == 0
+    assert "lab1, lab2 running, ssh ready" in capsys.readouterr().out

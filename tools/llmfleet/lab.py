@@ -48,6 +48,7 @@ from rich.table import Table
 class ExitCode(enum.IntEnum):
     OK = 0
     ERROR = 1
+    DOWN = 3  # status --check: a host is not running or not reachable
 
 
 class LabError(Exception):
@@ -1183,15 +1184,25 @@ def cmd_status(args: argparse.Namespace, paths: LabPaths, console: Console) -> E
     hosts = load_inventory(args.inventory)
     with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
         rows = list(pool.map(lambda h: host_status(h, paths), hosts))
+    down = [r.name for r in rows if not (r.running and r.ssh)]
     if args.json:
         doc = {"schema": STATUS_SCHEMA, "bridge": _link_exists(BRIDGE), "bridges": lab_bridges(), "hosts": [vars(r) for r in rows]}
         print(json.dumps(doc, indent=2))
-        return ExitCode.OK
-    table = Table("host", "running", "pid", "ip", "ssh", title="llmfleet lab")
-    for r in rows:
-        table.add_row(r.name, "yes" if r.running else "no", str(r.pid or "-"), r.ip, "yes" if r.ssh else "no")
-    console.print(table)
-    return ExitCode.OK
+    elif args.check:
+        if down:
+            print(
+                f"error: {', '.join(down)} {'is' if len(down) == 1 else 'are'} not running or not reachable over ssh: "
+                f"start the lab with `make lab-up` (tools/lab.py up -i {args.inventory})",
+                file=sys.stderr,
+            )
+        else:
+            console.print(f"lab: {', '.join(r.name for r in rows)} running, ssh ready")
+    else:
+        table = Table("host", "running", "pid", "ip", "ssh", title="llmfleet lab")
+        for r in rows:
+            table.add_row(r.name, "yes" if r.running else "no", str(r.pid or "-"), r.ip, "yes" if r.ssh else "no")
+        console.print(table)
+    return ExitCode.DOWN if (args.check and down) else ExitCode.OK
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -1216,6 +1227,7 @@ def build_parser(paths: LabPaths) -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="stop the hosts, remove their network").set_defaults(func=cmd_down)
     status = sub.add_parser("status", parents=[common], help="per host: running, pid, IP, ssh reachable")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--check", action="store_true", help="exit 3 (naming the command that starts them) unless every host runs with ssh")
     status.set_defaults(func=cmd_status)
     destroy = sub.add_parser("destroy", parents=[common], help="down, then remove .lab/machines")
     destroy.set_defaults(func=cmd_destroy)
