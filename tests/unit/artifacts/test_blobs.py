@@ -123,3 +123,10 @@ def test_bundle_cli_export_limit_import_round_trip(cache: Path, tmp_path: Path, 
     assert "--limit nowhere: no host of" in err and "(sites: site-a, site-b)" in err
     assert main(["bundle", "export", "-i", str(repo / "inventory" / "lab-fleet"), "--limit", "site-b", "-o", str(out)]) == 1
     assert "are not in the cache" in capsys.readouterr().err and not out.exists()  # an empty cache: nothing fetched yet
+
+
+def test_a_cached_file_of_another_pin_is_not_linked_under_this_pins_name(lock: Path, cache: Path) -> None:
+    blobs = lock_blobs(read_lock(lock))
+    (cache / "models" / "m" / "config.json").write_bytes(b'{"a": 2}\n')  # same size, another revision's content
+    assert link_blobs(cache, blobs) == 2
+    assert not (cache / "blobs" / "sha256" / sha(CONFIG)).exists()

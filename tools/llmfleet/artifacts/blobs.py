@@ -72,12 +72,13 @@ def cache_file(root: Path, blob: Blob) -> Path:
 
 
 def link_blobs(root: Path, blobs: Iterable[Blob]) -> int:
-    """Hard-link each blob the cache holds under its name into ``blobs/sha256/`` (size checked; the
-    sha256 was checked when the file entered the cache). Returns how many links were made."""
+    """Hard-link each blob the cache holds under its name into ``blobs/sha256/``, once its content is
+    checked against the name (the file under ``models/<key>`` may belong to another pin of the key
+    than the lock asks about). Returns how many links were made."""
     made = 0
     for b in blobs:
         src, dst = cache_file(root, b), blob_path(root, b.sha256)
-        if dst.exists() or not src.is_file() or src.stat().st_size != b.size:
+        if dst.exists() or not src.is_file() or src.stat().st_size != b.size or sha256_file(src) != b.sha256:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
