@@ -330,11 +330,11 @@ class Wan:
         """site -> {upstream: bytes the upstream sent, total: every byte the control node sent}."""
         rows = self._ipt("-L", WAN_CHAIN, "-v", "-x", "-n").stdout.splitlines()[2:]
         out = {site: {"upstream": 0, "total": 0} for site in SITES}
+        bridges = {b: s for s, (_, b) in SITES.items()}
         for line in rows:
-            fields = line.split()
-            nbytes, out_if = int(fields[1]), fields[6]
-            site = next(s for s, (_, b) in SITES.items() if b == out_if)
-            out[site]["upstream" if f"spt:{UPSTREAM_PORT}" in line else "total"] += nbytes
+            fields = line.split()  # pkts bytes [target] prot opt in out source destination [match]: no target here
+            site = next(bridges[f] for f in fields if f in bridges)
+            out[site]["upstream" if f"spt:{UPSTREAM_PORT}" in line else "total"] += int(fields[1])
         for counts in out.values():
             counts["total"] += counts["upstream"]
         return out
