@@ -334,9 +334,8 @@ class Wan:
         for line in rows:
             fields = line.split()  # pkts bytes [target] prot opt in out source destination [match]: no target here
             site = next(bridges[f] for f in fields if f in bridges)
+            # the first rule counts the upstream's packets, the second every packet (the upstream's too)
             out[site]["upstream" if f"spt:{UPSTREAM_PORT}" in line else "total"] += int(fields[1])
-        for counts in out.values():
-            counts["total"] += counts["upstream"]
         return out
 
     def close(self) -> None:

@@ -138,14 +138,15 @@ def test_drift_names_a_changed_unit_and_the_switch_repairs_it() -> None:
     assert drift()[0] == 0
 
 
-def test_a_weight_corrupted_upstream_is_refused_by_the_mirror_and_fl1_keeps_serving(scratch: Path) -> None:
+def test_a_file_corrupted_upstream_is_refused_by_the_mirror_and_fl1_keeps_serving(scratch: Path) -> None:
+    # the file the new revision changes is new to the site: the mirror must fetch it (one the mirror
+    # holds already, by content, is never fetched again, however the upstream's copy rots)
     v = variant(scratch, "r3", lambda d: edit_json(d / "generation_config.json", top_k=7))
-    good = sha256_file(v.files["model.safetensors"])
-    with v.files["model.safetensors"].open("r+b") as f:  # the upstream now serves bytes the pin does not name
-        f.seek(4096)
+    good = sha256_file(v.files["generation_config.json"])
+    with v.files["generation_config.json"].open("r+b") as f:  # the upstream now serves bytes the pin does not name
         byte = f.read(1)
-        f.seek(4096)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x20]))
     run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
     assert run.rc != 0, run.failures()
     assert "the mirror of site site-a on fl1 could not be filled" in run.output, run.failures()
