@@ -12,8 +12,8 @@
 #                       strengthened
 #   none                no mutant: the same command on the unchanged tree
 #
-# COMMAND runs in the copy's root, with .venv linked to this checkout's. Lab runs need the lab lock
-# and LLMFLEET_LAB_DIR like any other, e.g.:
+# COMMAND runs in the copy's root, with .venv linked to this checkout's (and .lab to
+# $LLMFLEET_LAB_DIR when set). Lab runs need the lab lock and LLMFLEET_LAB_DIR like any other, e.g.:
 #   flock /tmp/llmfleet-lab.lock env LLMFLEET_LAB_DIR=/work/main/.lab tests/mutants/run.sh --expect caught \
 #     manual-rollback-relinks-only -- .venv/bin/python -m pytest tests/fleet -m fleet -k 'first_rollout or good_pin or manual_rollback'
 set -euo pipefail
@@ -50,6 +50,11 @@ cleanup() {
 trap cleanup EXIT
 git -C "$repo" worktree add --detach --quiet "$tree" HEAD
 ln -s "$repo/.venv" "$tree/.venv"
+# tools/lab.py keeps its hosts in <repo>/.lab while Ansible and the tests read $LLMFLEET_LAB_DIR:
+# the copy's .lab is that folder, so both mean the same hosts (and the shared lab stays the one lab)
+if [[ -n "${LLMFLEET_LAB_DIR:-}" ]]; then
+  ln -s "$(realpath "$LLMFLEET_LAB_DIR")" "$tree/.lab"
+fi
 if [[ -n "$tests_from" ]]; then
   git -C "$tree" checkout --quiet "$tests_from" -- tests
   git -C "$tree" checkout --quiet HEAD -- tests/mutants
