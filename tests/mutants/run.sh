@@ -13,9 +13,9 @@
 #   none                no mutant: the same command on the unchanged tree
 #
 # COMMAND runs in the copy's root, with .venv linked to this checkout's (and .lab to
-# $LLMFLEET_LAB_DIR when set). Lab runs need the lab lock and LLMFLEET_LAB_DIR like any other, e.g.:
-#   flock /tmp/llmfleet-lab.lock env LLMFLEET_LAB_DIR=/work/main/.lab tests/mutants/run.sh --expect caught \
-#     manual-rollback-relinks-only -- .venv/bin/python -m pytest tests/fleet -m fleet -k 'first_rollout or good_pin or manual_rollback'
+# $LLMFLEET_LAB_DIR when set), e.g.:
+#   LLMFLEET_LAB_DIR=$PWD/.lab tests/mutants/run.sh --expect caught manual-rollback-relinks-only -- \
+#     .venv/bin/python -m pytest tests/fleet -m fleet -k 'first_rollout or good_pin or manual_rollback'
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,6 +53,7 @@ ln -s "$repo/.venv" "$tree/.venv"
 # tools/lab.py keeps its hosts in <repo>/.lab while Ansible and the tests read $LLMFLEET_LAB_DIR:
 # the copy's .lab is that folder, so both mean the same hosts (and the shared lab stays the one lab)
 if [[ -n "${LLMFLEET_LAB_DIR:-}" ]]; then
+  mkdir -p "$LLMFLEET_LAB_DIR"
   ln -s "$(realpath "$LLMFLEET_LAB_DIR")" "$tree/.lab"
 fi
 if [[ -n "$tests_from" ]]; then
