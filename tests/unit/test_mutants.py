@@ -26,6 +26,10 @@ def test_there_are_mutants_and_each_is_documented() -> None:
 def test_mutant_still_applies(patch: Path) -> None:
     """A patch that no longer applies is a test of nothing: update it with the code it breaks."""
     done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        applied = subprocess.run(["git", "apply", "--check", "--reverse", str(patch)], cwd=REPO, capture_output=True, check=False)
+        if applied.returncode == 0:
+            pytest.skip("applied in this tree: a copy made by tests/mutants/run.sh")
     assert done.returncode == 0, done.stderr
     text = patch.read_text()
     assert "MUTANT" in text, f"{patch.name}: mark the changed lines with a MUTANT comment"
