@@ -4,12 +4,14 @@
 # detached git worktree of HEAD in a temporary folder, removed afterwards; this checkout is never
 # changed. See tests/mutants/README.md for each mutant and the test that catches it.
 #
-#   tests/mutants/run.sh [--expect caught|survived] [--tests-from REV] MUTANT[,MUTANT...]|none -- COMMAND...
+#   tests/mutants/run.sh [--expect caught|survived] [--tests-from REV [--keep PATH]...] MUTANT[,MUTANT...]|none -- COMMAND...
 #
 #   --expect caught     exit 0 when COMMAND fails (the mutant is caught), 1 when it passes
 #   --expect survived   the other way round (to show that an older test let the mutant through)
-#   --tests-from REV    take tests/ (except tests/mutants) from REV, e.g. main before a test was
-#                       strengthened
+#   --tests-from REV    take tests/ (except tests/mutants) as it was at REV, e.g. main before a test
+#                       was strengthened: files added since are removed
+#   --keep PATH         with --tests-from: keep HEAD's PATH (repeatable), e.g. tests/fixtures when
+#                       the product's data changed with it
 #   none                no mutant: the same command on the unchanged tree
 #
 # COMMAND runs in the copy's root, with .venv linked to this checkout's (and .lab to
@@ -20,17 +22,18 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(git -C "$here" rev-parse --show-toplevel)"
-expect="" tests_from=""
+expect="" tests_from="" keep=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --expect) expect="$2"; shift 2 ;;
     --tests-from) tests_from="$2"; shift 2 ;;
+    --keep) keep+=("$2"); shift 2 ;;
     -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) break ;;
   esac
 done
 if [[ $# -lt 3 || "$2" != "--" ]]; then
-  echo "usage: tests/mutants/run.sh [--expect caught|survived] [--tests-from REV] MUTANT[,MUTANT...]|none -- COMMAND..." >&2
+  echo "usage: tests/mutants/run.sh [--expect caught|survived] [--tests-from REV [--keep PATH]...] MUTANT[,MUTANT...]|none -- COMMAND..." >&2
   echo "mutants: $(cd "$here" && ls -1 ./*.patch | sed 's|^\./||; s|\.patch$||' | tr '\n' ' ')" >&2
   exit 2
 fi
@@ -57,9 +60,12 @@ if [[ -n "${LLMFLEET_LAB_DIR:-}" ]]; then
   ln -s "$(realpath "$LLMFLEET_LAB_DIR")" "$tree/.lab"
 fi
 if [[ -n "$tests_from" ]]; then
+  git -C "$tree" diff --name-only --diff-filter=A -z "$tests_from" HEAD -- tests | (cd "$tree" && xargs -0 -r rm -f --)
   git -C "$tree" checkout --quiet "$tests_from" -- tests
-  git -C "$tree" checkout --quiet HEAD -- tests/mutants
-  echo "tests/ from $tests_from ($(git -C "$repo" rev-parse --short "$tests_from"))"
+  git -C "$tree" checkout --quiet HEAD -- tests/mutants "${keep[@]}"
+  kept_note=""
+  [[ ${#keep[@]} -gt 0 ]] && kept_note=", but ${keep[*]} as at HEAD"
+  echo "tests/ as at $tests_from ($(git -C "$repo" rev-parse --short "$tests_from"))$kept_note"
 fi
 for m in "${mutants[@]}"; do
   [[ "$m" == none ]] && continue
