@@ -42,8 +42,10 @@ def test_collect_on_the_h200_answers_is_what_nvidia_smi_reports() -> None:
     assert gpu["pcie"]["gpu_max_generation"] == int(smi("Device Max", after="PCIe Generation"))
     assert gpu["pcie"]["max_width"] == int(smi("Max", after="Link Width").rstrip("x"))
     assert gpu["persistence_mode"] is (smi("Persistence Mode") == "Enabled")
-    assert gpu["ecc"] == {"current": smi("Current", after="ECC Mode") == "Enabled", "pending": smi("Pending", after="ECC Mode") == "Enabled"}
-    assert gpu["mig"] == {"current": smi("Current", after="MIG Mode") != "Disabled", "pending": smi("Pending", after="MIG Mode") != "Disabled"}
+    ecc = {"current": smi("Current", after="ECC Mode"), "pending": smi("Pending", after="ECC Mode")}
+    mig = {"current": smi("Current", after="MIG Mode"), "pending": smi("Pending", after="MIG Mode")}
+    assert gpu["ecc"] == {k: v == "Enabled" for k, v in ecc.items()}
+    assert gpu["mig"] == {k: v != "Disabled" for k, v in mig.items()}
     assert gpu["remapped_rows"] == {
         "correctable": int(smi("Correctable Error", after="Remapped Rows")),
         "uncorrectable": int(smi("Uncorrectable Error", after="Remapped Rows")),
