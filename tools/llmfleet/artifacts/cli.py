@@ -78,6 +78,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         "device": args.device,
         "platform": args.platform,
         "excluded": args.exclude,
+        "constraints": args.constraint,
         "system_packages": args.system_package,
         "notes": args.notes,
     }
@@ -89,7 +90,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     fields.setdefault("metadata_shim", fields["distribution"] != "vllm")  # a pinned choice is kept
     fields["excluded"] = sorted(set(fields.get("excluded") or []))
     fields["system_packages"] = sorted(set(fields.get("system_packages") or []))
-    inputs = RuntimeInputs(fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"])
+    fields["constraints"] = sorted(set(fields.get("constraints") or []))
+    inputs = RuntimeInputs(
+        fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"], fields["constraints"]
+    )
     mode = args.mode or ("index" if fields["device"] == "cuda" else "download")
     if mode == "download":
         reqs = resolve_by_download(inputs, wheelhouse_dir(args.key), find_links=args.find_links, pip=args.pip_python, log=say)
@@ -388,6 +392,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["cpu", "cuda"])
     r.add_argument("--platform", help="target platform in uv's spelling, e.g. x86_64-manylinux_2_36")
     r.add_argument("--exclude", action="append", help="a package to leave out of the set (repeatable)")
+    r.add_argument(
+        "--constraint", action="append", help="a version constraint for the resolution, e.g. 'transformers<5.15' (repeatable, kept)"
+    )
     r.add_argument("--system-package", action="append", help="a Debian package the runtime needs on the host (repeatable)")
     r.add_argument("--notes", help="free text kept in the entry")
     mode = r.add_mutually_exclusive_group()
