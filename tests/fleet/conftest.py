@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 from llmfleet.artifacts.cache import manifest, revision
+from testhub import TestHub
+from testhub.checkpoints import folder
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -250,6 +252,28 @@ def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
     return Variant(lock, models, {f.path: model_dir / f.path for f in files})
 
 
+#: the repo the test hub serves the tiny model's new revisions under
+HUB_REPO = "llmfleet-lab/tiny-llama"
+
+
+def hub_variant(hub: TestHub, base: Path, name: str, change: Callable[[Path], None]) -> Variant:
+    """A new revision of the tiny model published on the test hub, pinned and fetched with tools/pin.py
+    (``model add`` into a copy of the lock, ``fetch`` into a cache of its own), as an operator would."""
+    src = base / name / "published"
+    shutil.copytree(CACHE / "models" / MODEL, src)
+    change(src)
+    hub.publish(HUB_REPO, folder(src))
+    lock, cache = base / name / "lock.json", base / name / "cache"
+    shutil.copy(REPO / "pins" / "lock.json", lock)
+    pin_env = env(LLMFLEET_LOCK=str(lock), LLMFLEET_CACHE=str(cache), HF_ENDPOINT=hub.endpoint, HF_HOME=str(base / name / "hf"))
+    for argv in (["model", "add", MODEL, f"hf://{HUB_REPO}"], ["fetch", "--model", MODEL]):
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "pin.py"), *argv], cwd=REPO, env=pin_env,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"pin.py {' '.join(argv)}: {proc.stdout}{proc.stderr}"
+    model_dir = cache / "models" / MODEL
+    return Variant(lock, cache / "models", {f.path: model_dir / f.path for f in manifest(model_dir)})
+
+
 def edit_json(path: Path, **changes: Any) -> None:
     doc = json.loads(path.read_text())
     doc.update(changes)
@@ -286,6 +310,13 @@ def fleet() -> Generator[Run, None, None]:
         down = lab("down")
         if down.returncode != 0:
             print(f"tools/lab.py down failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def hub() -> Generator[TestHub, None, None]:
+    """The project's test hub on loopback: new model revisions are published here and pinned from it."""
+    with TestHub() as h:
+        yield h
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from testhub import TestHub
 
 from .conftest import (
     FIGURES,
@@ -38,6 +39,7 @@ from .conftest import (
     generations,
     health,
     history,
+    hub_variant,
     machine_path,
     playbook,
     served_process,
@@ -186,7 +188,7 @@ def test_a_weight_corrupted_in_the_mirror_is_refused_and_fl1_keeps_serving(scrat
     assert run.host_summary("fl1")["generation_after"] in (None, STATE["G0"]["fl1"])
 
 
-def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_completes(scratch: Path) -> None:
+def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_resumes_it(scratch: Path) -> None:
     def change(d: Path) -> None:
         edit_json(d / "generation_config.json", top_k=9)
         with (d / "padding.bin").open("wb") as f:  # big enough to kill the copy in flight
@@ -210,18 +212,24 @@ def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_comp
     assert not store.exists(), "a killed transfer left a visible store path"
     assert not (partial / ".llmfleet-complete").exists()
     assert_serving(["fl1"], STATE["G0"])
+    copied = (partial / "model.safetensors").stat().st_ino  # sent before the kill
 
     run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
     assert run.rc == 0, run.failures()
     assert (store / ".llmfleet-complete").is_file() and not partial.exists()
+    assert (store / "model.safetensors").stat().st_ino == copied, "the next run sent a file again that the killed one had sent"
     assert (store / "padding.bin").stat().st_size == 384 << 20
     STATE["G4"] = planned(v.lock)
     assert_serving(["fl1"], STATE["G4"])
     assert served_root("fl1") == v.store_path()
 
 
-def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path) -> None:
-    v = variant(scratch, "r2", lambda d: edit_json(d / "generation_config.json", top_k=5))
+def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path, hub: TestHub) -> None:
+    started = time.monotonic()
+    v = hub_variant(hub, scratch, "r2", lambda d: edit_json(d / "generation_config.json", top_k=5))
+    FIGURES["new revision of the tiny model: pin.py model add + fetch from the test hub, s"] = round(time.monotonic() - started, 1)
+    pin = json.loads(v.lock.read_text())["models"]["tiny-llama"]
+    assert pin["source"] == "hf://llmfleet-lab/tiny-llama" and pin["revision"] == hub.repos["llmfleet-lab/tiny-llama"].refs["main"]
     STATE["v2"] = v
     STATE["G2"] = g2 = planned(v.lock)
     watch = Downtime("fl3")

@@ -33,6 +33,7 @@ SCENARIO_LOCK = load_lock(SCENARIO / "lock.json")
 NVIDIA = {
     "vllm-0.19.0-cu128": ("12.8", "CUDA 12.8 Update 1", "570.124.06", "nvidia-cuda-runtime-cu12 12.8.90"),
     "vllm-0.33.0-cu128": ("13.0", "CUDA 13.0 Update 2", "580.95.05", "nvidia-cuda-runtime 13.0.96"),
+    "vllm-0.26.0-cu130": ("13.0", "CUDA 13.0 Update 2", "580.95.05", "nvidia-cuda-runtime 13.0.96"),
     "vllm-0.4.3-cu121": ("12.1", "CUDA 12.1 Update 1", "530.30.02", "nvidia-cuda-runtime-cu12 12.1.105"),
 }
 

@@ -62,6 +62,9 @@ class RuntimePin(_Pin):
     reason: str | None = None
     requirements: list[Requirement] | None = None
     excluded: list[str] = Field(default_factory=list)
+    #: version constraints the resolution honoured (``uv pip compile -c``), e.g. a dependency
+    #: release the engine version cannot run with
+    constraints: list[str] = Field(default_factory=list)
     system_packages: list[str] = Field(default_factory=list)
     metadata_shim: bool = False
     #: architectures whose model class declares ``SupportsPP`` in this engine version, read from the
