@@ -254,7 +254,10 @@ def _check_rules(
     analysis = rules.analyse(inst.model, model, runtime_key, runtime, hw, hw_key, instance_layout(inst))
     c.analyses[i] = analysis
     for r in analysis.results:
-        where = f"{at}.{r.field}"
+        # a rule about the host (its runtime, its hardware) names the host's variable, once
+        where = f"llmfleet_{r.field}" if r.field in rules.HOST_FIELDS else f"{at}.{r.field}"
+        if r.field in rules.HOST_FIELDS and any(p.where == where and r.id in p.message for p in c.problems):
+            continue
         if r.status == "unknown":
             c.warn(where, r.value, f"rule {r.id} {r.message}")
         elif r.status != "fired":

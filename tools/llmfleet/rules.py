@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from . import capacity as cap
+from .cuda import driver_version
 from .pins import ArchFacts, ModelPin, RuntimePin
 from .spec import HardwareProfile
 
@@ -601,6 +602,38 @@ def _tp_topology(ctx: Context, params: dict[str, Any]) -> Outcome:
     )
 
 
+@check("driver_supports_cuda")
+def _driver_supports_cuda(ctx: Context, params: dict[str, Any]) -> Outcome:
+    """Fields: runtime, hardware, cuda_release, cuda_source, min_driver, min_branch, driver."""
+    runtime = ctx.runtime
+    if runtime is None or runtime.device != "cuda":
+        return not_applicable("not a CUDA runtime")
+    if runtime.cuda is None:
+        return unknown(
+            f"runtime {ctx.runtime_key} records no CUDA release (pin it again with tools/pin.py runtime; "
+            "its CUDA runtime wheel may be one catalog/cuda.yml does not list)"
+        )
+    hw = ctx.hw
+    if not hw.driver_branch and not hw.driver:
+        return unknown(f"hardware profile {ctx.hw_key} pins no NVIDIA driver (driver_branch, driver)")
+    need = driver_version(runtime.cuda.min_driver)
+    pinned = ([f"R{hw.driver_branch}"] if hw.driver_branch else []) + [f"{d} {pin.version}" for d, pin in sorted(hw.driver.items())]
+    too_old = [f"R{hw.driver_branch}"] if hw.driver_branch and driver_version(hw.driver_branch) < need[:1] else []
+    too_old += [f"{d} {pin.version}" for d, pin in sorted(hw.driver.items()) if driver_version(pin.version) < need]
+    fields = {
+        "runtime": ctx.runtime_key,
+        "hardware": ctx.hw_key,
+        "cuda_release": runtime.cuda.release,
+        "cuda_source": runtime.cuda.source,
+        "min_driver": runtime.cuda.min_driver,
+        "min_branch": need[0],
+        "driver": ", ".join(too_old),
+    }
+    if too_old:
+        return fired(f"{', '.join(too_old)} older than {runtime.cuda.min_driver}", **fields)
+    return passed(f"{', '.join(pinned)} at least {runtime.cuda.min_driver} ({runtime.cuda.release})")
+
+
 @check("cpu_head_size")
 def _cpu_head_size(ctx: Context, params: dict[str, Any]) -> Outcome:
     """Fields: head_size, head_sizes, model."""
@@ -721,6 +754,14 @@ def _render(template: str, fields: Mapping[str, Any]) -> str:
     return template.format_map(_Fields(fields))
 
 
+#: rule fields that are the host's, not the instance's: the planner reports them once per host
+HOST_FIELDS = ("runtime", "hardware")
+
+
+def _rule_value(ctx: Context, field_name: str) -> Any:
+    return {"model": ctx.model_key, "runtime": ctx.runtime_key, "hardware": ctx.hw_key}.get(field_name, ctx.layout.value(field_name))
+
+
 def evaluate(ctx: Context, skip_checks: set[str] | None = None) -> list[RuleResult]:
     """Every rule of the book on this context, in catalog order."""
     out = []
@@ -749,7 +790,7 @@ def evaluate(ctx: Context, skip_checks: set[str] | None = None) -> list[RuleResu
                 verdict=rule.verdict,
                 status=outcome.status,
                 field=rule.field,
-                value=ctx.layout.value(rule.field) if rule.field != "model" else ctx.model_key,
+                value=_rule_value(ctx, rule.field),
                 message=message,
                 valid=_render(rule.valid, fields) if outcome.status == "fired" else "",
                 reference=rule.reference,

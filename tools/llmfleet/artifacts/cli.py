@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..cli.common import ExitCode, run
+from ..cuda import cuda_build
 from ..errors import LlmfleetError
 from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
 from .cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
@@ -104,6 +105,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
             pin = RuntimePin.model_validate(fields | {"status": "unresolved", "reason": str(exc).splitlines()[0], "requirements": None})
             write_lock(path, with_runtime(lock, args.key, pin))
             raise LlmfleetError(f"runtime {args.key} recorded as unresolved: {exc}") from exc
+    cuda = cuda_build(reqs) if fields["device"] == "cuda" else None
+    if fields["device"] == "cuda" and cuda is None:
+        say(f"warning: runtime {args.key}: no CUDA release of catalog/cuda.yml matches its wheels; the driver rule cannot check it")
+    fields["cuda"] = cuda.model_dump() if cuda else None
     pin = RuntimePin.model_validate(fields | {"status": "resolved", "reason": None, "requirements": [r.model_dump() for r in reqs]})
     changed = write_lock(path, with_runtime(lock, args.key, pin))
     total = sum(r.size or 0 for r in reqs)
