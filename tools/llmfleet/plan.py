@@ -29,6 +29,8 @@ from .spec import (
 )
 
 PLAN_SCHEMA = 1
+#: where the lock comes from, for messages
+LOCK_NAME = "pins/lock.json or $LLMFLEET_LOCK"
 #: bump when the unit template changes in a way that needs running instances restarted
 UNIT_REVISION = 2
 SERVICE_USER = "llmfleet"
@@ -167,7 +169,7 @@ def _check_instance(
         )
     model = lock.models.get(inst.model)
     if model is None:
-        c.error(f"{at}.model", inst.model, "unknown model key (not in the lock: pins/lock.json or $LLMFLEET_LOCK)", ", ".join(sorted(lock.models)))
+        c.error(f"{at}.model", inst.model, f"unknown model key (not in the lock: {LOCK_NAME})", ", ".join(sorted(lock.models)))
     else:
         arch = model.architecture
         if inst.max_model_len > arch.max_position_embeddings:
@@ -273,7 +275,7 @@ def _check_rules(
 def _check_host(c: _Checker, spec: HostSpec, hw: HardwareProfile, hw_key: str, lock: Lock) -> RuntimePin | None:
     runtime = lock.runtimes.get(spec.runtime)
     if runtime is None:
-        c.error("llmfleet_runtime", spec.runtime, "unknown runtime key (not in the lock: pins/lock.json or $LLMFLEET_LOCK)", ", ".join(sorted(lock.runtimes)))
+        c.error("llmfleet_runtime", spec.runtime, f"unknown runtime key (not in the lock: {LOCK_NAME})", ", ".join(sorted(lock.runtimes)))
     if not spec.instances:
         c.error("llmfleet_instances", [], "no instance to run", "at least one instance")
     seen_names: dict[str, int] = {}
