@@ -478,8 +478,13 @@ def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switche
     v: Variant = STATE["v2"]
     keep = {STATE["G0"]["fl1"], STATE["G2"]["fl1"]}
     store_before = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
+    mirror = machine_path(MIRRORS["site-a"], "/srv/llmfleet/mirror/sha256")
+    held_before = {p.name for p in mirror.iterdir()}
     run = playbook("playbooks/gc.yml", "-l", "fl1", "-e", "gc_keep=2")
     assert run.rc == 0, run.failures()
+    # fl2 and fl3 were left out: the mirror of their site may not be collected on fl1's word alone
+    assert {p.name for p in mirror.iterdir()} == held_before
+    assert "mirror of site site-a not collected: no kept generations from fl2, fl3 in this run" in run.output
     assert generations("fl1") == keep
     assert STATE["G4"]["fl1"] in before - keep
     store_after = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
@@ -497,8 +502,7 @@ def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switche
     assert health("fl1") == 200
 
     # the site's mirror keeps what some kept generation of some host of the site pins, nothing else
-    mirror = machine_path(MIRRORS["site-a"], "/srv/llmfleet/mirror/sha256")
-    held_before = {p.name for p in mirror.iterdir()}
+    # (fl1's G4, dropped above, was the only generation of the site with r4's padding.bin)
     run = playbook("playbooks/gc.yml", "-e", "gc_keep=2")
     assert run.rc == 0, run.failures()
     kept: set[str] = set()

@@ -243,9 +243,23 @@ def test_a_site_has_one_mirror_on_a_host_of_its_own() -> None:
     other = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "url": "http://10.213.1.22:8090"}}
     lock = load_lock()
     _, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | other}, lock)
-    assert [p.message for p in problems] == ["the hosts of site site-a name 2 different mirrors"]
+    assert [(p.host, p.message) for p in problems] == [("h1", "the hosts of site site-a name 2 different mirrors"),
+                                                       ("h2", "the hosts of site site-a name 2 different mirrors")]
     away = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "host": "h9"}}
     _, problems = evaluate_fleet({"h1": lab_vars() | away, "h2": lab_vars() | away}, lock)
-    assert [(p.where, p.value, p.valid) for p in problems] == [("llmfleet_site_mirror.host", "h9", "h1, h2")]
+    assert [(p.host, p.where, p.value, p.valid) for p in problems] == [("h1", "llmfleet_site_mirror.host", "h9", "h1, h2"),
+                                                                       ("h2", "llmfleet_site_mirror.host", "h9", "h1, h2")]
     _, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | SITE}, lock)
     assert problems == []
+
+
+def test_a_limit_narrows_the_report_but_a_site_is_judged_on_every_host() -> None:
+    """SITE's mirror runs on h1: planning h2 alone (a --limit) must not refuse it for that."""
+    from llmfleet.plan import evaluate_fleet
+
+    lock = load_lock()
+    plans, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | SITE}, lock, only=["h2"])
+    assert list(plans) == ["h2"] and problems == []
+    away = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "host": "h9"}}
+    plans, problems = evaluate_fleet({"h1": lab_vars() | away, "h2": lab_vars() | away}, lock, only=["h2"])
+    assert list(plans) == ["h2"] and [(p.host, p.value) for p in problems] == [("h2", "h9")]

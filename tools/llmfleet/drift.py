@@ -211,12 +211,13 @@ def drift_hosts(
     runner: Any = None,
 ) -> dict[str, Any]:
     """Plan the inventory, run the module on its hosts (``runner`` is ``run_ansible`` unless a test fakes it)."""
-    from .inventory import load_inventory
+    from .inventory import load_inventory_limited
     from .pins import load_lock
     from .plan import evaluate_fleet
 
-    hosts = load_inventory(inventory, limit)
+    everyone, selected = load_inventory_limited(inventory, limit)
+    hosts = {h: everyone[h] for h in selected if h in everyone}
     lock = load_lock(lock_path)
-    plans, problems = evaluate_fleet(hosts, lock)
+    plans, problems = evaluate_fleet(everyone, lock, only=selected)
     results, output = (runner or run_ansible)(inventory, limit, hash_files=hash_files, http_timeout=http_timeout)
     return envelope(hosts, plans, problems, results, output)

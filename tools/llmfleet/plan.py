@@ -8,7 +8,7 @@ plugin and the tests all call :func:`evaluate_host`. It never touches a host.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -555,9 +555,13 @@ def _site(spec: HostSpec, runtime_pin: RuntimePin) -> dict[str, Any]:
 
 
 def evaluate_fleet(
-    hosts: Mapping[str, Mapping[str, Any]], lock: Lock
+    hosts: Mapping[str, Mapping[str, Any]], lock: Lock, only: Collection[str] | None = None
 ) -> tuple[dict[str, dict[str, Any]], list[Problem]]:
-    """Plan every host; return the plans of the valid ones and every problem of the others."""
+    """Plan every host; return the plans of the valid ones and every problem of the others.
+
+    ``only`` (a ``--limit``) narrows what is returned; the hosts outside it are still planned, so
+    that what spans hosts (a site and its mirror) is judged on the whole inventory.
+    """
     plans: dict[str, dict[str, Any]] = {}
     problems: list[Problem] = []
     for host in sorted(hosts):
@@ -566,6 +570,10 @@ def evaluate_fleet(
         except PlanRefused as exc:
             problems.extend(exc.problems)
     problems.extend(check_sites(plans))
+    if only is not None:
+        keep = set(only)
+        plans = {h: p for h, p in plans.items() if h in keep}
+        problems = [p for p in problems if p.host in keep]
     return plans, problems
 
 
@@ -580,15 +588,17 @@ def check_sites(plans: Mapping[str, Mapping[str, Any]]) -> list[Problem]:
             sites.setdefault(site["name"], {}).setdefault(content_hash(mirror), []).append(host)
     for name, mirrors in sorted(sites.items()):
         members = sorted(h for hs in mirrors.values() for h in hs)
+        # each member is refused: a --limit on any one of them still sees why
         if len(mirrors) > 1:
-            problems.append(Problem(members[0], "llmfleet_site_mirror", name,
+            problems.extend(Problem(m, "llmfleet_site_mirror", name,
                                     f"the hosts of site {name} name {len(mirrors)} different mirrors",
-                                    "one llmfleet_site_mirror per site (set it in the site's group_vars)"))
+                                    "one llmfleet_site_mirror per site (set it in the site's group_vars)") for m in members)
             continue
         host = plans[members[0]]["site"]["mirror"]
         if host is not None and host["host"] not in members:
-            problems.append(Problem(members[0], "llmfleet_site_mirror.host", host["host"],
-                                    f"the mirror of site {name} must run on a host of the site", ", ".join(members)))
+            problems.extend(Problem(m, "llmfleet_site_mirror.host", host["host"],
+                                    f"the mirror of site {name} must run on a host of the site", ", ".join(members))
+                            for m in members)
     return problems
 
 
