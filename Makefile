@@ -18,7 +18,8 @@ INVENTORY ?= inventory/lab
 # Debian packages the control node needs for the lab (nspawn hosts, their network, debootstrap)
 HOST_PACKAGES := systemd-container debootstrap iptables iproute2 openssh-client
 
-.PHONY: help lab setup host-packages venv fetch lab-up lab-down deploy plan test lint unit integration molecule fleet clean
+.PHONY: help lab setup host-packages venv fetch lab-up lab-down deploy plan test lint unit integration molecule fleet clean \
+	lab-guard-start lab-guard-check
 
 help:
 	@echo "make lab    set up this machine, fetch the pinned artifacts, boot the lab hosts and roll them out"
@@ -55,13 +56,22 @@ lab-down: venv
 	$(BIN)/python tools/lab.py down -i $(INVENTORY)/hosts.yml
 
 deploy: venv
+	@case "$(INVENTORY)" in inventory/lab*) $(BIN)/python tools/lab.py status --check -i $(INVENTORY)/hosts.yml ;; esac
 	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
 
 plan: venv
 	$(BIN)/python tools/plan.py -i $(INVENTORY)
 
 ## The README's second command (and .ci/run): lint, unit tests, the lab scenario.
-test: setup fetch lint unit integration molecule fleet
+## The scenarios boot hosts of their own: the README's lab (inventory/lab) is left as it was found,
+## which lab-guard checks (it boots the lab's hosts when they are down, and stops them again after).
+test: setup fetch lint unit integration lab-guard-start molecule fleet lab-guard-check
+
+lab-guard-start: venv
+	$(BIN)/python tests/lab_guard.py start -i inventory/lab/hosts.yml
+
+lab-guard-check: venv
+	$(BIN)/python tests/lab_guard.py check -i inventory/lab/hosts.yml
 
 lint: venv
 	$(BIN)/ruff check tools tests plugins library bench roles/*/library callback_plugins

@@ -24,6 +24,10 @@ description:
   - Units named C(llmfleet-vllm@*.service) that are active but not instances of the plan are drift.
   - Drift is data, not a failure. The task fails only when the root cannot be read at all. A probe that
     could not be made (no systemctl, unreadable /proc) is listed in C(unchecked), not as drift.
+  - On a host that serves its site's mirror (the plan's C(site.mirror.host) is the plan's host), every file of
+    C(<mirror_dir>/sha256/) must be named by its own sha256 (sizes only without I(hash_files)); a file that is not is
+    drift (C(mirror-blob-corrupt)). The result's C(mirror) lists what the mirror holds, so the control node can
+    name what the site's plans need and it lacks.
   - Changes nothing on the host.
 options:
   root:
@@ -42,6 +46,10 @@ options:
     description: Seconds to wait for each instance's C(/v1/models).
     type: float
     default: 5
+  mirror_dir:
+    description: The folder a site mirror serves (roles/site_mirror C(site_mirror_dir)).
+    type: path
+    default: /srv/llmfleet/mirror
 attributes:
   check_mode:
     support: full
@@ -512,7 +520,35 @@ def _flag(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def check_host(root: str, unit_dir: str, probes: Any, *, hash_files: bool = True, http_timeout: float = 5.0) -> dict[str, Any]:
+def _check_mirror(mirror_dir: str, hash_files: bool, r: Report) -> dict[str, Any]:
+    """A site mirror's blobs: each named by its sha256; what it holds (sha256 -> size) for the control node."""
+    folder = os.path.join(mirror_dir, "sha256")
+    held: dict[str, int] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        r.add("mirror-missing", f"{folder} does not exist (the site's mirror was never filled)",
+              path=folder, expected="a mirror", found=None)
+        return {"dir": mirror_dir, "blobs": held}
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not re.fullmatch(r"[0-9a-f]{64}", name):
+            if not name.endswith(".part"):  # a transfer in progress
+                r.add("mirror-blob-stray", f"{path} is not named by a sha256", path=path, expected=None, found=name)
+            continue
+        held[name] = os.path.getsize(path)
+        if hash_files:
+            actual = _sha(path, r)
+            if actual is not None and actual != name:
+                r.add("mirror-blob-corrupt", f"{path}: its content has sha256 {actual}", path=path, expected=name, found=actual)
+    return {"dir": mirror_dir, "blobs": held}
+
+
+def check_host(
+    root: str, unit_dir: str, probes: Any, *, hash_files: bool = True, http_timeout: float = 5.0, mirror_dir: str = "/srv/llmfleet/mirror"
+) -> dict[str, Any]:
     """Compare the host under root (and unit_dir) with its current generation; see DOCUMENTATION."""
     if not os.path.isdir(root):
         raise RootUnreadable(
@@ -573,6 +609,9 @@ def check_host(root: str, unit_dir: str, probes: Any, *, hash_files: bool = True
                     )
             _check_store(manifest, plan, hash_files, r)
     if plan is not None:
+        mirror = (plan.get("site") or {}).get("mirror") if isinstance(plan.get("site"), dict) else None
+        if isinstance(mirror, dict) and mirror.get("host") == plan.get("host"):
+            result["mirror"] = _check_mirror(mirror_dir, hash_files, r)
         for inst in plan["instances"]:
             if isinstance(inst, dict):
                 _check_instance(inst, plan, probes, http_timeout, r)
@@ -601,12 +640,15 @@ def main() -> None:
             "unit_dir": {"type": "path", "default": "/etc/systemd/system"},
             "hash_files": {"type": "bool", "default": True},
             "http_timeout": {"type": "float", "default": 5.0},
+            "mirror_dir": {"type": "path", "default": "/srv/llmfleet/mirror"},
         },
         supports_check_mode=True,
     )
     p = module.params
     try:
-        result = check_host(p["root"], p["unit_dir"], Probes(), hash_files=p["hash_files"], http_timeout=p["http_timeout"])
+        result = check_host(
+            p["root"], p["unit_dir"], Probes(), hash_files=p["hash_files"], http_timeout=p["http_timeout"], mirror_dir=p["mirror_dir"]
+        )
     except RootUnreadable as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from llmfleet.artifacts.cache import manifest, revision
+from llmfleet.artifacts.cache import manifest, revision, sha256_file
 from testhub import TestHub
 from testhub.checkpoints import folder
 
@@ -235,13 +235,24 @@ class Variant:
         return f"{ROOT}/store/{model_store_name(MODEL, load_lock(self.lock).models[MODEL])}"
 
 
+def publish_blobs(base: Path, files: Iterable[Path]) -> None:
+    """Offer files to the sites' mirrors: link each into ``<base>/blobs/sha256/`` (the upstream serves it)."""
+    for f in files:
+        dst = base / "blobs" / "sha256" / sha256_file(f)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, dst)
+
+
 def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
-    """Copy the tiny model, change it, pin the result (sha256 and size of every file) in a copy of the lock."""
+    """Copy the tiny model, change it, pin the result (sha256 and size of every file) in a copy of the lock,
+    and offer its files to the mirrors (a variant's files stand in for what a new revision brings)."""
     models = base / name / "models"
     model_dir = models / MODEL
     shutil.copytree(CACHE / "models" / MODEL, model_dir)
     change(model_dir)
     files = manifest(model_dir)
+    publish_blobs(base, (model_dir / f.path for f in files))
     doc = json.loads((REPO / "pins" / "lock.json").read_text())
     pin = doc["models"][MODEL]
     pin["files"] = [f.model_dump() for f in files]
@@ -256,7 +267,7 @@ def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
 HUB_REPO = "llmfleet-lab/tiny-llama"
 
 
-def hub_variant(hub: TestHub, base: Path, name: str, change: Callable[[Path], None]) -> Variant:
+def hub_variant(hub: TestHub, base: Path, name: str, change: Callable[[Path], None], include: Sequence[str] = ()) -> Variant:
     """A new revision of the tiny model published on the test hub, pinned and fetched with tools/pin.py
     (``model add`` into a copy of the lock, ``fetch`` into a cache of its own), as an operator would."""
     src = base / name / "published"
@@ -266,12 +277,15 @@ def hub_variant(hub: TestHub, base: Path, name: str, change: Callable[[Path], No
     lock, cache = base / name / "lock.json", base / name / "cache"
     shutil.copy(REPO / "pins" / "lock.json", lock)
     pin_env = env(LLMFLEET_LOCK=str(lock), LLMFLEET_CACHE=str(cache), HF_ENDPOINT=hub.endpoint, HF_HOME=str(base / name / "hf"))
-    for argv in (["model", "add", MODEL, f"hf://{HUB_REPO}"], ["fetch", "--model", MODEL]):
+    add = ["model", "add", MODEL, f"hf://{HUB_REPO}", *(a for g in include for a in ("--include", g))]
+    for argv in (add, ["fetch", "--model", MODEL]):
         proc = subprocess.run([sys.executable, str(REPO / "tools" / "pin.py"), *argv], cwd=REPO, env=pin_env,
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"pin.py {' '.join(argv)}: {proc.stdout}{proc.stderr}"
     model_dir = cache / "models" / MODEL
-    return Variant(lock, cache / "models", {f.path: model_dir / f.path for f in manifest(model_dir)})
+    files = manifest(model_dir)
+    publish_blobs(base, (model_dir / f.path for f in files))
+    return Variant(lock, cache / "models", {f.path: model_dir / f.path for f in files})
 
 
 def edit_json(path: Path, **changes: Any) -> None:
@@ -290,9 +304,83 @@ def lab(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# --- sites: the control node's upstream and each site's WAN link ----------------------------------
+
+#: site -> (the control node's address on the site's bridge, the bridge)
+SITES = {"site-a": ("10.213.1.1", "llmf1"), "site-b": ("10.213.2.1", "llmf2")}
+SITE_HOSTS = {"site-a": ("fl1", "fl2", "fl3"), "site-b": ("fl4",)}
+MIRRORS = {"site-a": "fl1", "site-b": "fl4"}
+UPSTREAM_PORT = 8091
+WAN_CHAIN = "LLMFLEET-TEST-WAN"
+
+
+class Wan:
+    """Byte counters of each site's link to the control node (iptables, in a chain of the test's own):
+    everything the control node sends over the site's bridge, and what of it the upstream served."""
+
+    def __init__(self) -> None:
+        self._ipt("-N", WAN_CHAIN, check=False)
+        self._ipt("-F", WAN_CHAIN)
+        if self._ipt("-C", "OUTPUT", "-j", WAN_CHAIN, check=False).returncode != 0:
+            self._ipt("-I", "OUTPUT", "-j", WAN_CHAIN)
+        for _, bridge in SITES.values():
+            self._ipt("-A", WAN_CHAIN, "-o", bridge, "-p", "tcp", "--sport", str(UPSTREAM_PORT))
+            self._ipt("-A", WAN_CHAIN, "-o", bridge)
+
+    @staticmethod
+    def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["iptables", "-w", *args], capture_output=True, text=True, check=check)
+
+    def reset(self) -> None:
+        self._ipt("-Z", WAN_CHAIN)
+
+    def read(self) -> dict[str, dict[str, int]]:
+        """site -> {upstream: bytes the upstream sent, total: every byte the control node sent}."""
+        rows = self._ipt("-L", WAN_CHAIN, "-v", "-x", "-n").stdout.splitlines()[2:]
+        out = {site: {"upstream": 0, "total": 0} for site in SITES}
+        bridges = {b: s for s, (_, b) in SITES.items()}
+        for line in rows:
+            fields = line.split()  # pkts bytes [target] prot opt in out source destination [match]: no target here
+            site = next(bridges[f] for f in fields if f in bridges)
+            # the first rule counts the upstream's packets, the second every packet (the upstream's too)
+            out[site]["upstream" if f"spt:{UPSTREAM_PORT}" in line else "total"] += int(fields[1])
+        return out
+
+    def close(self) -> None:
+        self._ipt("-D", "OUTPUT", "-j", WAN_CHAIN, check=False)
+        self._ipt("-F", WAN_CHAIN, check=False)
+        self._ipt("-X", WAN_CHAIN, check=False)
+
+
+@dataclass
+class Sites:
+    wan: Wan
+    upstream: subprocess.Popen[str]
+    blobs: Path  # what the upstream serves besides the cache: <blobs>/blobs/sha256/<sha256>
+
+
+SITES_STATE: dict[str, Sites] = {}
+
+
+def start_upstream(scratch: Path) -> subprocess.Popen[str]:
+    """tools/pin.py serve on the control node's address in each site: the cache, and the test's own blobs."""
+    (scratch / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(REPO / "tools" / "pin.py"), "serve", "--root", str(CACHE), "--root", str(scratch)]
+    for address, _ in SITES.values():
+        argv += ["--bind", f"{address}:{UPSTREAM_PORT}"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        pytest.fail(f"tools/pin.py serve did not start: {line}{proc.stdout.read()}", pytrace=False)
+    return proc
+
+
 @pytest.fixture(scope="session")
-def fleet() -> Generator[Run, None, None]:
-    """The four hosts booted fresh and rolled out once (every host in one batch: the first install)."""
+def fleet(scratch: Path) -> Generator[Run, None, None]:
+    """The four hosts booted fresh and rolled out once (every host in one batch: the first install).
+    Beside them: the upstream that fills the two sites' mirrors, and each site's WAN counters."""
     if os.geteuid() != 0:
         pytest.skip("the lab fleet needs root (systemd-nspawn, network namespaces)")
     shutil.rmtree(OUT, ignore_errors=True)
@@ -300,16 +388,29 @@ def fleet() -> Generator[Run, None, None]:
     up = lab("up", "--fresh")
     if up.returncode != 0:
         pytest.fail(f"tools/lab.py up failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
+    wan = Wan()
+    upstream = start_upstream(scratch)
+    SITES_STATE["sites"] = Sites(wan, upstream, scratch)
     try:
         first = playbook("site.yml", "-e", '{"rollout_batches": ["100%"]}')
         if first.rc != 0:
             pytest.fail(f"the first rollout of the fleet failed:\n{first.failures()}", pytrace=False)
-        FIGURES["first rollout, 4 hosts in one batch (runtime build included), s"] = round(first.wall_s, 1)
+        FIGURES["first rollout, 4 hosts in one batch (mirrors filled, runtime built from them), s"] = round(first.wall_s, 1)
+        FIGURES["first rollout, bytes the upstream sent per site (runtime wheels + model)"] = {
+            s: c["upstream"] for s, c in wan.read().items()
+        }
         yield first
     finally:
+        upstream.terminate()
+        upstream.wait(timeout=30)
+        wan.close()
         down = lab("down")
         if down.returncode != 0:
             print(f"tools/lab.py down failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
+
+
+def sites() -> Sites:
+    return SITES_STATE["sites"]
 
 
 @pytest.fixture(scope="session")

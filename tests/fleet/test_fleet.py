@@ -20,14 +20,18 @@ from typing import Any
 
 import pytest
 import yaml
+from llmfleet.artifacts.cache import sha256_file
 from testhub import TestHub
 
 from .conftest import (
+    CACHE,
     FIGURES,
     HOSTS,
     INVENTORY,
+    MIRRORS,
     REPO,
     ROOT,
+    SITE_HOSTS,
     Downtime,
     Run,
     Variant,
@@ -44,6 +48,7 @@ from .conftest import (
     playbook,
     served_process,
     served_root,
+    sites,
     ssh,
     variant,
 )
@@ -51,6 +56,14 @@ from .conftest import (
 pytestmark = pytest.mark.fleet
 
 STATE: dict[str, Any] = {}
+#: the bulk of the new revision the batch-by-batch rollout brings (random: nothing compresses it)
+NEW_BYTES = 256 << 20
+
+
+def new_bytes(v: Variant) -> int:
+    """Bytes of the variant's files that the lock's own pin does not have (what a site has not seen)."""
+    old = {f["sha256"] for f in json.loads((REPO / "pins" / "lock.json").read_text())["models"]["tiny-llama"]["files"]}
+    return sum(p.stat().st_size for p in v.files.values() if sha256_file(p) not in old)
 RECAP = re.compile(r"^(fl\d)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 TASK = re.compile(r"^TASK \[(?:[\w.]+ : )?(.+?)\] \*+$")
 STATUS = re.compile(r"^(ok|changed|skipping|fatal|failed): \[(fl\d)\]")
@@ -173,19 +186,24 @@ def test_drift_names_a_changed_unit_and_the_switch_repairs_it() -> None:
     assert drift()[0] == 0
 
 
-def test_a_weight_corrupted_in_the_mirror_is_refused_and_fl1_keeps_serving(scratch: Path) -> None:
+def test_a_file_corrupted_upstream_is_refused_by_the_mirror_and_fl1_keeps_serving(scratch: Path) -> None:
+    # the file the new revision changes is new to the site: the mirror must fetch it (one the mirror
+    # holds already, by content, is never fetched again, however the upstream's copy rots)
     v = variant(scratch, "r3", lambda d: edit_json(d / "generation_config.json", top_k=7))
-    with v.files["model.safetensors"].open("r+b") as f:  # the mirror now disagrees with the pin
-        f.seek(4096)
+    good = sha256_file(v.files["generation_config.json"])
+    with v.files["generation_config.json"].open("r+b") as f:  # the upstream now serves bytes the pin does not name
         byte = f.read(1)
-        f.seek(4096)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x20]))
     run = playbook("site.yml", "-l", "fl1", *v.extra_vars(), lock=v.lock)
     assert run.rc != 0, run.failures()
-    assert "model.safetensors does not match its pin" in run.output, run.failures()
+    assert "the mirror of site site-a on fl1 could not be filled" in run.output, run.failures()
+    assert f"!= pinned {good}; the download was deleted and nothing of it is used" in run.output, run.failures()
+    assert not machine_path("fl1", f"/srv/llmfleet/mirror/sha256/{good}").exists()
     assert not machine_path("fl1", v.store_path()).exists()
     assert_serving(["fl1"], STATE["G0"])
     assert run.host_summary("fl1")["generation_after"] in (None, STATE["G0"]["fl1"])
+    (scratch / "blobs" / "sha256" / good).unlink()  # the corrupted file is offered no more
 
 
 def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_resumes_it(scratch: Path) -> None:
@@ -224,18 +242,32 @@ def test_a_transfer_killed_half_way_leaves_nothing_visible_and_the_next_run_resu
     assert served_root("fl1") == v.store_path()
 
 
-def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path, hub: TestHub) -> None:
+def test_a_good_pin_change_reaches_every_host_batch_by_batch_and_crosses_each_sites_wan_once(scratch: Path, hub: TestHub) -> None:
+    def change(d: Path) -> None:
+        edit_json(d / "generation_config.json", top_k=5)
+        (d / "padding.bin").write_bytes(os.urandom(NEW_BYTES))  # the bulk of a new revision: its bytes cross each WAN once
+
     started = time.monotonic()
-    v = hub_variant(hub, scratch, "r2", lambda d: edit_json(d / "generation_config.json", top_k=5))
+    v = hub_variant(hub, scratch, "r2", change, include=("padding.bin",))
     FIGURES["new revision of the tiny model: pin.py model add + fetch from the test hub, s"] = round(time.monotonic() - started, 1)
     pin = json.loads(v.lock.read_text())["models"]["tiny-llama"]
     assert pin["source"] == "hf://llmfleet-lab/tiny-llama" and pin["revision"] == hub.repos["llmfleet-lab/tiny-llama"].refs["main"]
     STATE["v2"] = v
     STATE["G2"] = g2 = planned(v.lock)
+    new = new_bytes(v)
+    assert new > NEW_BYTES
+    sites().wan.reset()
     watch = Downtime("fl3")
     run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
     down = watch.stop()
+    wan = sites().wan.read()
     assert run.rc == 0, run.failures()
+    for site, counts in wan.items():
+        ratio = counts["upstream"] / new
+        FIGURES[f"new pin, {site} ({len(SITE_HOSTS[site])} hosts): WAN bytes from the upstream / the pin's new bytes"] = (
+            f"{counts['upstream']} / {new} = {ratio:.4f} (all bytes the control node sent over the link: {counts['total']})"
+        )
+        assert 1.0 <= ratio <= 1.05, f"{site}: {counts['upstream']} bytes crossed its WAN for {new} new bytes"
     assert_serving(HOSTS, g2)
     for host in HOSTS:
         assert served_root(host) == v.store_path()
@@ -244,7 +276,7 @@ def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path, hub:
         assert summary["switched"] and summary["verify"] == "passed" and not summary.get("rolled_back")
     batches = {h: run.host_summary(h).get("batch") for h in HOSTS}
     assert batches == {"fl1": 1, "fl2": 2, "fl3": 3, "fl4": 3}, batches
-    FIGURES["full rollout of a new model pin (batches 1, 25 %, 100 %), s"] = round(run.wall_s, 1)
+    FIGURES["full rollout of a new model pin (batches 1, 25 %, 100 %; cold mirrors), s"] = round(run.wall_s, 1)
     FIGURES["full rollout, per host, s"] = per_host_seconds(run)
     FIGURES["switch downtime of fl3 (restart of its instance), s"] = down
 
@@ -281,6 +313,7 @@ def test_a_rollout_after_the_manual_rollback_brings_fl2_forward_again() -> None:
     assert_serving(["fl2"], STATE["G2"])
     assert_restarted_into("fl2", g2, before, began, watch)
     FIGURES["switch downtime of fl2 (G0 -> G2 by site.yml), s"] = down
+    FIGURES["rollout of fl2 to a pin its site's mirror already holds (warm mirror), s"] = round(run.wall_s, 1)
 
 
 def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scratch: Path) -> None:
@@ -340,7 +373,7 @@ def test_a_verify_miss_in_a_later_batch_rolls_that_host_back_and_stops_the_rollo
 
 
 def test_an_unreachable_host_is_counted_and_the_rest_of_the_fleet_stays_consistent() -> None:
-    rule = ["OUTPUT", "-d", "10.213.0.24", "-p", "tcp", "--dport", "22", "-j", "REJECT", "--reject-with", "tcp-reset",
+    rule = ["OUTPUT", "-d", "10.213.2.24", "-p", "tcp", "--dport", "22", "-j", "REJECT", "--reject-with", "tcp-reset",
             "-m", "comment", "--comment", "llmfleet-test-unreachable"]
     subprocess.run(["iptables", "-w", "-I", *rule], check=True)
     try:
@@ -359,13 +392,99 @@ def test_an_unreachable_host_is_counted_and_the_rest_of_the_fleet_stays_consiste
     assert doc["hosts"]["fl3"]["generation"] == {"planned": STATE["G0"]["fl3"], "running": STATE["G2"]["fl3"]}
 
 
+def test_a_site_without_a_wan_deploys_from_an_imported_bundle(scratch: Path) -> None:
+    v = variant(scratch, "r6", lambda d: edit_json(d / "generation_config.json", top_k=6))
+    bundle = scratch / "site-b.tar"
+    argv = [sys.executable, str(REPO / "tools" / "pin.py"), "bundle", "export", "-i", str(INVENTORY), "--limit", "site-b",
+            "-o", str(bundle), "--root", str(CACHE), "--root", str(scratch)]
+    exports = []
+    for _ in range(2):
+        started = time.monotonic()
+        done = subprocess.run(argv, cwd=REPO, env=env(LLMFLEET_LOCK=str(v.lock)), capture_output=True, text=True, check=False)
+        exports.append((time.monotonic() - started, bundle.read_bytes() if done.returncode == 0 else b""))
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert exports[0][1] == exports[1][1], "the same inputs gave another bundle"
+    # the site's link to the control node is cut: only ssh (the operator's session) still crosses it
+    cut = ["INPUT", "-i", "llmf2", "-p", "tcp", "--dport", "8091", "-j", "REJECT", "--reject-with", "tcp-reset",
+           "-m", "comment", "--comment", "llmfleet-test-wan-cut"]
+    subprocess.run(["iptables", "-w", "-I", *cut], check=True)
+    try:
+        started = time.monotonic()
+        imported = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "pin.py"), "bundle", "import", str(bundle), "--into",
+             str(machine_path("fl4", "/srv/llmfleet/mirror"))],
+            cwd=REPO, env=env(), capture_output=True, text=True, check=False,
+        )
+        import_s = time.monotonic() - started
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        sites().wan.reset()
+        run = playbook("site.yml", "-l", "fl4", lock=v.lock)
+        wan = sites().wan.read()
+    finally:
+        subprocess.run(["iptables", "-w", "-D", *cut], check=True)
+    assert run.rc == 0, run.failures()
+    assert wan["site-b"]["upstream"] == 0
+    STATE["G6"] = g6 = planned(v.lock)
+    assert_serving(["fl4"], g6["fl4"])
+    assert served_root("fl4") == v.store_path()
+    FIGURES["bundle for site-b (runtime wheels + model), bytes"] = bundle.stat().st_size
+    FIGURES["bundle export, s (twice, same bytes)"] = [round(t, 1) for t, _ in exports]
+    FIGURES["bundle import into fl4's mirror, s"] = round(import_s, 1)
+    FIGURES["rollout of fl4 with its WAN cut (from the imported bundle), s"] = round(run.wall_s, 1)
+
+
+def test_a_mirror_down_mid_rollout_fails_its_sites_hosts_and_the_other_site_goes_on(scratch: Path) -> None:
+    v = variant(scratch, "r7", lambda d: edit_json(d / "generation_config.json", top_k=8))
+    ssh(MIRRORS["site-a"], "systemctl stop nginx")
+    try:
+        run = playbook("site.yml", "-l", "fl2,fl3,fl4", "-e", '{"rollout_batches": ["100%"], "rollout_max_fail_percentage": 70}',
+                       lock=v.lock)
+    finally:
+        ssh(MIRRORS["site-a"], "systemctl start nginx")
+    assert run.rc != 0, run.failures()
+    g7 = planned(v.lock)
+    for host in ("fl2", "fl3"):
+        assert run.host_summary(host)["status"] == "failed"
+        assert not machine_path(host, v.store_path()).exists()
+    assert "http://10.213.1.21:8090/sha256/" in run.output and "Connection refused" in run.output, run.failures()
+    assert_serving(["fl2"], STATE["G0"]["fl2"])
+    assert_serving(["fl3"], STATE["G2"]["fl3"])
+    assert run.host_summary("fl4")["switched"] and run.host_summary("fl4")["verify"] == "passed"
+    assert_serving(["fl4"], g7["fl4"])
+
+
+def test_a_blob_rotten_in_the_mirror_is_refused_by_the_host_and_named_by_drift(scratch: Path) -> None:
+    v = variant(scratch, "r8", lambda d: (d / "extra.bin").write_bytes(os.urandom(1 << 20)))
+    run = playbook("playbooks/mirrors.yml", "-l", "fl1", lock=v.lock)
+    assert run.rc == 0, run.failures()
+    sha = sha256_file(v.files["extra.bin"])
+    blob = machine_path("fl1", f"/srv/llmfleet/mirror/sha256/{sha}")
+    with blob.open("r+b") as f:
+        f.seek(100)
+        f.write(b"rot")
+    run = playbook("site.yml", "-l", "fl2", lock=v.lock)
+    assert run.rc != 0, run.failures()
+    assert f"/sha256/{sha}: sha256" in run.output and f"!= pinned {sha}" in run.output, run.failures()
+    assert not machine_path("fl2", v.store_path()).exists()
+    assert_serving(["fl2"], STATE["G0"]["fl2"])
+    rc, doc = drift("-l", "fl1")
+    assert rc == 3
+    assert next(d for d in doc["hosts"]["fl1"]["drift"] if d["what"] == "mirror-blob-corrupt")["expected"] == sha
+    blob.unlink()  # what an operator does; the next mirrors stage fetches it again
+
+
 def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switches(scratch: Path) -> None:
     before = generations("fl1")
     v: Variant = STATE["v2"]
     keep = {STATE["G0"]["fl1"], STATE["G2"]["fl1"]}
     store_before = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
+    mirror = machine_path(MIRRORS["site-a"], "/srv/llmfleet/mirror/sha256")
+    held_before = {p.name for p in mirror.iterdir()}
     run = playbook("playbooks/gc.yml", "-l", "fl1", "-e", "gc_keep=2")
     assert run.rc == 0, run.failures()
+    # fl2 and fl3 were left out: the mirror of their site may not be collected on fl1's word alone
+    assert {p.name for p in mirror.iterdir()} == held_before
+    assert "mirror of site site-a not collected: no kept generations from fl2, fl3 in this run" in run.output
     assert generations("fl1") == keep
     assert STATE["G4"]["fl1"] in before - keep
     store_after = {p.name for p in machine_path("fl1", f"{ROOT}/store").iterdir()}
@@ -381,3 +500,17 @@ def test_gc_keeps_the_last_generations_and_what_they_need_and_each_still_switche
     assert served_root("fl1") != v.store_path()
     assert ssh("fl1", "ls /var/lib/llmfleet/store | wc -l").strip() == str(len(needed))
     assert health("fl1") == 200
+
+    # the site's mirror keeps what some kept generation of some host of the site pins, nothing else
+    # (fl1's G4, dropped above, was the only generation of the site with r4's padding.bin)
+    run = playbook("playbooks/gc.yml", "-e", "gc_keep=2")
+    assert run.rc == 0, run.failures()
+    kept: set[str] = set()
+    for host in SITE_HOSTS["site-a"]:
+        for gid in generations(host):
+            plan = json.loads(machine_path(host, f"{ROOT}/generations/{gid}/plan.json").read_text())
+            kept |= {f["sha256"] for m in plan["models"].values() for f in m["files"]}
+            kept |= set(re.findall(r"--hash=sha256:([0-9a-f]{64})", plan["runtime"]["requirements"]))
+    held_after = {p.name for p in mirror.iterdir()}
+    assert held_after == kept & held_before and held_after < held_before
+    FIGURES["gc of site-a's mirror: blobs before / after"] = f"{len(held_before)} / {len(held_after)}"

@@ -495,7 +495,8 @@ def test_ansible_command() -> None:
         "-m",
         "llmfleet_drift",
         "-a",
-        "root={{ llmfleet_root | default('/var/lib/llmfleet') }} hash_files=false http_timeout=5",
+        "root={{ llmfleet_root | default('/var/lib/llmfleet') }} mirror_dir={{ site_mirror_dir | default('/srv/llmfleet/mirror') }} "
+        "hash_files=false http_timeout=5",
         "--tree",
         "/tmp/t",
         "--limit",
@@ -597,3 +598,36 @@ def test_end_to_end_through_ansible_on_localhost(tmp_path: Path, server: Threadi
     assert "instance-inactive" in whats_found
     assert set(whats_found) <= {"instance-inactive", "unit-missing", "unit-changed"}
     assert r.returncode == 3
+
+
+# --- the site mirror ---------------------------------------------------------------------------
+
+
+def test_a_mirror_blob_whose_content_is_not_its_name_is_drift_and_what_it_holds_is_reported(host: Host, tmp_path: Path) -> None:
+    mirror_dir = tmp_path / "srv" / "mirror"
+    (mirror_dir / "sha256").mkdir(parents=True)
+    good, bad = b"weights", b"rotten"
+    (mirror_dir / "sha256" / sha(good)).write_bytes(good)
+    (mirror_dir / "sha256" / sha(b"what it was")).write_bytes(bad)
+    (mirror_dir / "sha256" / f"{'a' * 64}.part").write_bytes(b"in flight")
+    plan = json.loads((host.gen / "plan.json").read_text())
+    plan["site"] = {"name": "site-a", "mirror": {"host": plan["host"], "url": "http://x:8090"}, "wheels": []}
+    (host.gen / "plan.json").write_text(json.dumps(plan))
+    manifest = json.loads((host.gen / "manifest.json").read_text())
+    manifest["files"]["plan.json"] = sha((host.gen / "plan.json").read_bytes())
+    (host.gen / "manifest.json").write_text(json.dumps(manifest))
+    doc = host.check(mirror_dir=str(mirror_dir))
+    assert [(d["what"], d["expected"]) for d in doc["drift"]] == [("mirror-blob-corrupt", sha(b"what it was"))]
+    assert doc["mirror"]["blobs"] == {sha(good): len(good), sha(b"what it was"): len(bad)}
+    sizes_only = host.check(mirror_dir=str(mirror_dir), hash_files=False)
+    assert sizes_only["drift"] == []
+    # the control node: what the site's plans use and the mirror lacks
+    plans = {"h1": {**plan, "site": {**plan["site"], "wheels": [{"filename": "w.whl", "sha256": sha(good), "size": len(good)}]}}}
+    lacking = fleet_drift.mirror_drift(plans, {plan["host"]: doc})[plan["host"]]
+    need = {f["sha256"] for m in plan["models"].values() for f in m["files"]} | {sha(good)}
+    assert lacking["mirror"] == {"blobs": 2, "needed": len(need), "missing": len(need) - 1, "unused": 1, "bytes": len(good) + len(bad)}
+    assert lacking["drift"][0]["what"] == "mirror-blob-missing"
+
+
+def test_a_host_that_is_not_its_sites_mirror_reports_no_mirror(host: Host, tmp_path: Path) -> None:
+    assert "mirror" not in host.check(mirror_dir=str(tmp_path / "nowhere"))

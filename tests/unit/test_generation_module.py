@@ -172,3 +172,17 @@ def test_gc_refuses_keep_below_one(host: Path, keep: int) -> None:
 def test_bad_generation_id_is_named(host: Path) -> None:
     with pytest.raises(gen.GenerationError, match=r"generation '\.\./etc' is not a generation id"):
         switch(host, "../etc")
+
+
+def test_gc_names_the_blobs_its_kept_generations_pin_for_the_sites_mirror(host: Path) -> None:
+    for g in (A, B, C):
+        switch(host, g)
+    shas = {g: (f"{i:x}" * 64)[:64] for i, g in enumerate((A, B, C), start=10)}
+    for g, model_sha in shas.items():
+        wheel = model_sha[::-1]
+        plan = {"generation": g, "models": {"m": {"files": [{"path": "w", "sha256": model_sha, "size": 1}]}},
+                "runtime": {"requirements": f"fake==1 --hash=sha256:{wheel}\n"}}
+        (host / "generations" / g / "plan.json").write_text(json.dumps(plan))
+    kept = gen.run(params(host, "gc", keep=2), check=True)
+    assert kept["kept_generations"] == [C, B]
+    assert kept["kept_blobs"] == sorted({shas[C], shas[C][::-1], shas[B], shas[B][::-1]})

@@ -8,11 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from llmfleet import lab
 from llmfleet.lab import ExitCode, Host, LabError, RootfsSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_lab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Makefile exports LLMFLEET_LAB_DIR: these tests keep their lab under their own tmp repo."""
+    monkeypatch.delenv("LLMFLEET_LAB_DIR", raising=False)
 
 def ip(text: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(text)
@@ -50,9 +57,10 @@ def test_repo_lab_inventory_matches_the_network_contract() -> None:
         (lab_doc({}), "group 'lab' has no hosts"),
         (lab_doc({"lab1": None}), "host lab1: ansible_host is missing"),
         (lab_doc({"lab1": {"ansible_host": "lab1.example"}}), "'lab1.example' is not an IPv4 address"),
-        (lab_doc({"lab1": {"ansible_host": "10.9.0.11"}}), "ansible_host 10.9.0.11 must be in 10.213.0.0/24"),
-        (lab_doc({"lab1": {"ansible_host": "10.213.0.1"}}), "other than 10.213.0.1 (the bridge)"),
-        (lab_doc({"lab1": {"ansible_host": "10.213.0.255"}}), "must be in 10.213.0.0/24"),
+        (lab_doc({"lab1": {"ansible_host": "10.9.0.11"}}), "ansible_host 10.9.0.11 must be in 10.213.0.0/16"),
+        (lab_doc({"lab1": {"ansible_host": "10.213.0.1"}}), "other than a segment's .1 (the control node on bridge llmf<N>)"),
+        (lab_doc({"lab1": {"ansible_host": "10.213.4.1"}}), "other than a segment's .1"),
+        (lab_doc({"lab1": {"ansible_host": "10.213.0.255"}}), "must be in 10.213.0.0/16"),
         (lab_doc({"Lab1": {"ansible_host": "10.213.0.11"}}), "host 'Lab1': name must match"),
         (lab_doc({"labwithlongname": {"ansible_host": "10.213.0.11"}}), "name must match"),
         (
@@ -183,8 +191,15 @@ def test_nat_rules_are_tagged_and_only_concern_the_lab_subnet() -> None:
     for _, rule in rules:
         assert rule[rule.index("--comment") + 1] == "llmfleet-lab"
         addresses = [rule[i + 1] for i, arg in enumerate(rule) if arg in ("-s", "-d")]
-        assert addresses and set(addresses) == {"10.213.0.0/24"}
+        assert addresses and set(addresses) == {"10.213.0.0/16"}
     assert rules[0][1][rules[0][1].index("-o") + 1] == "eth0"
+
+
+def test_each_segment_of_the_lab_range_is_a_bridge_with_the_control_node_on_its_first_address() -> None:
+    default, site = Host("lab1", ip("10.213.0.11")), Host("fl4", ip("10.213.2.24"))
+    assert (default.bridge, str(default.gateway), str(default.segment)) == ("llmf0", "10.213.0.1", "10.213.0.0/24")
+    assert (site.bridge, str(site.gateway), str(site.segment)) == ("llmf2", "10.213.2.1", "10.213.2.0/24")
+    assert "Gateway=10.213.2.1" in lab.render_network(ip("10.213.2.24"), []).splitlines()
 
 
 def test_owned_rule_deletions_pick_only_rules_tagged_as_the_labs() -> None:
@@ -375,3 +390,29 @@ def test_down_of_one_inventory_leaves_hosts_another_inventory_booted(tmp_path: P
     assert lab._known_host_names(small, paths) == ["lab1", "old", "orphan"]
     assert lab._known_host_names(fleet, paths) == ["fl1", "orphan"]
     assert [h.name for h in lab.recorded_hosts(paths)] == ["fl1", "lab1", "old"]
+
+
+def test_the_lab_folder_is_llmfleet_lab_dir_when_set_as_for_ansible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = lab.LabPaths(repo=tmp_path / "repo", cache=tmp_path / "cache")
+    monkeypatch.delenv("LLMFLEET_LAB_DIR", raising=False)
+    assert paths.lab == tmp_path / "repo" / ".lab"
+    monkeypatch.setenv("LLMFLEET_LAB_DIR", str(tmp_path / "shared"))
+    assert paths.lab == tmp_path / "shared" and paths.key == tmp_path / "shared" / "ssh" / "id_ed25519"
+
+
+def test_status_check_names_the_hosts_that_are_down_and_the_command_that_starts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(yaml.safe_dump(lab_doc({"lab1": {"ansible_host": "10.213.0.11"}, "lab2": {"ansible_host": "10.213.0.12"}})))
+    paths = lab.LabPaths(repo=tmp_path / "repo", cache=tmp_path / "cache")
+    up = {"lab1": True, "lab2": False}
+    monkeypatch.setattr(
+        lab, "host_status", lambda h, p: lab.HostStatus(h.name, str(h.ip), up[h.name], 7 if up[h.name] else None, up[h.name])
+    )
+    assert lab.main(["status", "--check", "-i", str(inventory)], paths) == 3
+    err = capsys.readouterr().err
+    assert "lab2 is not running or not reachable over ssh" in err and f"tools/lab.py up -i {inventory}" in err and "make lab-up" in err
+    up["lab2"] = True
+    assert lab.main(["status", "--check", "-i", str(inventory)], paths) == 0
+    assert "lab1, lab2 running, ssh ready" in capsys.readouterr().out

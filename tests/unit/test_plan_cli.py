@@ -58,6 +58,15 @@ def test_host_filter_and_human_table() -> None:
     assert "lab1" in r.stdout and "lab2" not in r.stdout and "tiny-llama" in r.stdout
 
 
+def test_a_limit_to_a_host_whose_sites_mirror_is_another_host_plans_it() -> None:
+    """The lab fleet's site-a mirror runs on fl1: fl2 alone is planned, not refused for it."""
+    r = plan_cli("-i", "inventory/lab-fleet", "--host", "fl2", "--json", lock=REPO / "pins" / "lock.json")  # names the wheel files
+    assert r.returncode == 0, r.stdout
+    out = json.loads(r.stdout)
+    assert set(out["plans"]) == {"fl2"} and out["problems"] == []
+    assert out["plans"]["fl2"]["site"]["mirror"]["host"] == "fl1"
+
+
 def test_xr7620_is_accepted_but_its_unresolved_pins_are_named() -> None:
     r = plan_cli("-i", "inventory/xr7620", "--json", lock=None)
     assert r.returncode == 0, r.stderr

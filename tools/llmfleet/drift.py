@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = "llmfleet_drift"
 # The host's root comes from its own inventory, as the plan's does (spec field `root`).
 ROOT_ARG = "{{ llmfleet_root | default('/var/lib/llmfleet') }}"
+MIRROR_ARG = "{{ site_mirror_dir | default('/srv/llmfleet/mirror') }}"
 
 OK, DRIFT, ERROR, REFUSED = "ok", "drift", "error", "refused"
 
@@ -41,7 +42,7 @@ def ansible_command(inventory: str, limit: str | None, tree: str, *, hash_files:
     ansible-core carries (the json callback lives in ansible.posix, not in the control venv); it
     writes unreachable and failed results too. It is deprecated for removal in ansible-core 2.23.
     """
-    args = f"root={ROOT_ARG} hash_files={'true' if hash_files else 'false'} http_timeout={http_timeout:g}"
+    args = f"root={ROOT_ARG} mirror_dir={MIRROR_ARG} hash_files={'true' if hash_files else 'false'} http_timeout={http_timeout:g}"
     cmd = [ansible_bin(), "all", "-i", inventory, "-m", MODULE, "-a", args, "--tree", tree]
     if limit:
         cmd += ["--limit", limit]
@@ -154,8 +155,50 @@ def envelope(
         refused = [p for p in problems if p.host == host and p.severity == "error"]
         planned = plans[host]["generation"] if host in plans else None
         out[host] = host_report(host, results.get(host), planned, refused, ansible_output)
+    for mirror_host, entry in mirror_drift(plans, results).items():
+        if mirror_host in out and out[mirror_host]["status"] in (OK, DRIFT):
+            out[mirror_host]["drift"].extend(entry["drift"])
+            out[mirror_host]["mirror"] = entry["mirror"]
+            if entry["drift"]:
+                out[mirror_host]["status"] = DRIFT
     statuses = {h["status"] for h in out.values()}
     return {"schema": ENVELOPE, "ok": statuses <= {OK}, "hosts": out}
+
+
+def site_blobs(plans: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per mirror host: every blob (sha256 -> size) the current plans of its site's hosts use."""
+    out: dict[str, dict[str, int]] = {}
+    for plan in plans.values():
+        site = plan.get("site") or {}
+        mirror = site.get("mirror")
+        if not mirror:
+            continue
+        need = out.setdefault(str(mirror["host"]), {})
+        for model in plan["models"].values():
+            need.update({f["sha256"]: f["size"] for f in model["files"]})
+        need.update({w["sha256"]: w["size"] for w in site.get("wheels") or []})
+    return out
+
+
+def mirror_drift(plans: Mapping[str, Mapping[str, Any]], results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each site mirror lacks of what its site's plans use (the module reports what it holds)."""
+    out: dict[str, dict[str, Any]] = {}
+    for host, need in site_blobs(plans).items():
+        doc = results.get(host)
+        held = (doc.get("mirror") or {}).get("blobs") if isinstance(doc, dict) else None
+        if not isinstance(held, dict):
+            continue
+        missing = sorted(sha for sha, size in need.items() if held.get(sha) != size)
+        drift = []
+        if missing:
+            drift.append({
+                "what": "mirror-blob-missing", "expected": len(need), "found": len(need) - len(missing),
+                "message": f"the site's mirror lacks {len(missing)} of the {len(need)} blobs its plans use, e.g. {missing[0]}",
+            })  # fmt: skip
+        unused = sorted(set(held) - set(need))
+        out[host] = {"drift": drift, "mirror": {"blobs": len(held), "needed": len(need), "missing": len(missing),
+                                                 "unused": len(unused), "bytes": sum(held.values())}}  # fmt: skip
+    return out
 
 
 def drift_hosts(
@@ -168,12 +211,13 @@ def drift_hosts(
     runner: Any = None,
 ) -> dict[str, Any]:
     """Plan the inventory, run the module on its hosts (``runner`` is ``run_ansible`` unless a test fakes it)."""
-    from .inventory import load_inventory
+    from .inventory import load_inventory_limited
     from .pins import load_lock
     from .plan import evaluate_fleet
 
-    hosts = load_inventory(inventory, limit)
+    everyone, selected = load_inventory_limited(inventory, limit)
+    hosts = {h: everyone[h] for h in selected if h in everyone}
     lock = load_lock(lock_path)
-    plans, problems = evaluate_fleet(hosts, lock)
+    plans, problems = evaluate_fleet(everyone, lock, only=selected)
     results, output = (runner or run_ansible)(inventory, limit, hash_files=hash_files, http_timeout=http_timeout)
     return envelope(hosts, plans, problems, results, output)

@@ -18,7 +18,17 @@ API_KEYS_VAR = "vllm_service_api_keys"  # llmfleet.plan.API_KEYS_VAR (not import
 
 
 def load_inventory(source: str | Path, limit: str | None = None) -> dict[str, dict[str, Any]]:
-    """Return ``{host: {llmfleet_var: value}}`` for every host of an inventory."""
+    """Return ``{host: {llmfleet_var: value}}`` for every host of an inventory (or of the limit)."""
+    hosts, selected = load_inventory_limited(source, limit)
+    return {h: hosts[h] for h in selected}
+
+
+def load_inventory_limited(source: str | Path, limit: str | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every host of the inventory, and the names the limit selects.
+
+    Facts that span hosts (a site's mirror runs on a host of the site) are judged on the whole
+    inventory, whatever the limit: a limit narrows what is reported, not what is known.
+    """
     path = Path(source)
     if not path.exists():
         raise InputError(f"inventory {source} not found (give a directory like inventory/lab or a hosts file)")
@@ -37,24 +47,26 @@ def load_inventory(source: str | Path, limit: str | None = None) -> dict[str, di
     except Exception as exc:  # ansible raises its own error types for unparsable inventories
         raise InputError(f"inventory {source} could not be read: {exc}") from exc
     variables = VariableManager(loader=loader, inventory=inventory)
-    hosts = inventory.get_hosts(pattern=limit or "all")
-    if limit and not hosts:
+    selected = [h.name for h in inventory.get_hosts(pattern=limit or "all")]
+    if limit and not selected:
         raise InputError(f"--host {limit} matches no host of {source} (hosts: {', '.join(sorted(h.name for h in inventory.get_hosts()))})")
     result: dict[str, dict[str, Any]] = {}
-    for host in hosts:
+    for host in inventory.get_hosts(pattern="all"):
         hv = variables.get_vars(host=host, include_hostvars=False)
         templar = Templar(loader=loader, variables=hv)
         wanted = {k: v for k, v in hv.items() if k.startswith(SPEC_PREFIX)}
         try:
             rendered = templar.template(wanted)
         except Exception as exc:
+            if host.name not in selected:
+                continue  # outside the limit: reported when it is asked for
             raise InputError(f"{host.name}: a llmfleet_* variable could not be templated: {exc}") from exc
         result[host.name] = plain(rendered)
         keys = hv.get(API_KEYS_VAR)
         if keys is not None:
             # only the names: the keys (often Ansible Vault strings) are never read on this path
             result[host.name][API_KEYS_VAR] = sorted(str(k) for k in keys) if isinstance(keys, Mapping) else type(keys).__name__
-    return result
+    return result, selected
 
 
 def plain(value: Any) -> Any:

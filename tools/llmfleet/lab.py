@@ -2,13 +2,14 @@
 
 `up` builds (or reuses) a cached Debian rootfs tarball, unpacks one machine root per host of the
 inventory group `lab`, wires each host into its own network namespace `llmf-<host>` with a veth on
-the bridge `llmf0` (10.213.0.1/24, NAT to the default route) and boots it with a real systemd.
-`down` stops the hosts and removes exactly what `up` created; `status` reports; `destroy` is
-`down` plus removing the machine roots.
+the bridge of its segment (`llmf<N>` for 10.213.<N>.0/24, the control node at .1, NAT to the default
+route; a site's hosts share a segment) and boots it with a real systemd. `down` stops the hosts and
+removes exactly what `up` created; `status` reports; `destroy` is `down` plus removing the machine roots.
 
-Everything the lab creates is recognisable as its own: machine roots under `<repo>/.lab/machines`,
-network namespaces `llmf-<host>`, veths `lfv-<host>`, cgroups `llmfleet-lab/<host>`, the bridge
-`llmf0` and iptables rules that carry the comment `llmfleet-lab`. Teardown touches nothing else.
+Everything the lab creates is recognisable as its own: machine roots under `<lab>/machines` (`<lab>`
+is `$LLMFLEET_LAB_DIR`, else `<repo>/.lab`), network namespaces `llmf-<host>`, veths `lfv-<host>`,
+cgroups `llmfleet-lab/<host>`, bridges `llmf<N>` and iptables rules that carry the comment
+`llmfleet-lab`. Teardown touches nothing else.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from rich.table import Table
 class ExitCode(enum.IntEnum):
     OK = 0
     ERROR = 1
+    DOWN = 3  # status --check: a host is not running or not reachable
 
 
 class LabError(Exception):
@@ -64,9 +66,10 @@ PACKAGES = (
     "iputils-ping",
     "g++", "python3-dev",  # vLLM's CPU build compiles kernels at start-up (tensor parallel needs it)
     "man-db",  # `systemd-analyze verify` runs `man` for each Documentation=man: of a unit
+    "nginx-light",  # a site's mirror (roles/site_mirror) on a lab host; a site without a WAN cannot apt
 )  # fmt: skip
 # Bump whenever build_rootfs/_prepare_rootfs changes what ends up in the tarball.
-ROOTFS_BUILDER_VERSION = 5
+ROOTFS_BUILDER_VERSION = 6
 # Units masked in the tarball. console-getty: nobody logs in on the console log. The apt and man-db
 # timers would run apt/mandb at random times, racing tests for the dpkg lock and the two cores.
 MASKED_UNITS = (
@@ -85,9 +88,14 @@ DPKG_EXCLUDES = (
     "path-include /usr/share/locale/locale.alias",
 )
 
-NETWORK = ipaddress.IPv4Network("10.213.0.0/24")
+#: every lab address; each /24 of it is one segment (a site's LAN) with a bridge of its own,
+#: llmf<N> for 10.213.<N>.0/24, whose .1 is the control node. Traffic between the control node and a
+#: segment crosses that bridge only: the segment's "WAN" link, whose bytes iptables can count.
+LAB_RANGE = ipaddress.IPv4Network("10.213.0.0/16")
+NETWORK = ipaddress.IPv4Network("10.213.0.0/24")  # the default segment (inventory/lab)
 GATEWAY = ipaddress.IPv4Address("10.213.0.1")
 BRIDGE = "llmf0"
+BRIDGE_PREFIX = "llmf"
 NETNS_PREFIX = "llmf-"
 VETH_PREFIX = "lfv-"
 CONTAINER_IF = "host0"
@@ -125,12 +133,32 @@ class Host:
     ip: ipaddress.IPv4Address
 
     @property
+    def segment(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"{self.ip}/24", strict=False)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return segment_gateway(self.segment)
+
+    @property
+    def bridge(self) -> str:
+        return segment_bridge(self.segment)
+
+    @property
     def netns(self) -> str:
         return NETNS_PREFIX + self.name
 
     @property
     def veth(self) -> str:
         return VETH_PREFIX + self.name
+
+
+def segment_bridge(segment: ipaddress.IPv4Network) -> str:
+    return f"{BRIDGE_PREFIX}{segment.network_address.packed[2]}"
+
+
+def segment_gateway(segment: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    return segment.network_address + 1
 
 
 def parse_inventory(data: Any, source: str) -> list[Host]:
@@ -165,18 +193,19 @@ def _parse_host(name: Any, hvars: Any, source: str) -> Host:
         raise LabError(f"{source}: host {name!r}: name must match {HOST_NAME_RE.pattern} (it names a network namespace and a veth)")
     address = hvars.get("ansible_host") if isinstance(hvars, Mapping) else None
     if address is None:
-        raise LabError(f"{source}: host {name}: ansible_host is missing (its IP in {NETWORK})")
+        raise LabError(f"{source}: host {name}: ansible_host is missing (its IP in {LAB_RANGE}, e.g. 10.213.0.11)")
     try:
         ip = ipaddress.IPv4Address(str(address))
     except ValueError:
         raise LabError(f"{source}: host {name}: ansible_host {address!r} is not an IPv4 address") from None
-    reserved = {NETWORK.network_address, NETWORK.broadcast_address, GATEWAY}
-    if ip not in NETWORK or ip in reserved:
+    host = Host(name, ip)
+    reserved = {host.segment.network_address, host.segment.broadcast_address, host.gateway}
+    if ip not in LAB_RANGE or ip in reserved:
         raise LabError(
-            f"{source}: host {name}: ansible_host {ip} must be in {NETWORK}, "
-            f"other than {GATEWAY} (the bridge) and the network/broadcast addresses"
+            f"{source}: host {name}: ansible_host {ip} must be in {LAB_RANGE}, other than a segment's .1 "
+            f"(the control node on bridge {BRIDGE_PREFIX}<N>) and its network/broadcast addresses"
         )
-    return Host(name, ip)
+    return host
 
 
 def _refuse_duplicate_ips(hosts: Sequence[Host], source: str) -> None:
@@ -227,14 +256,15 @@ class RootfsSpec:
 
 
 def render_network(ip: ipaddress.IPv4Address, nameservers: Sequence[str]) -> str:
+    segment = ipaddress.IPv4Network(f"{ip}/24", strict=False)
     lines = [
         "# Written by llmfleet lab (tools/lab.py): static address on the lab bridge.",
         "[Match]",
         f"Name={CONTAINER_IF}",
         "",
         "[Network]",
-        f"Address={ip}/{NETWORK.prefixlen}",
-        f"Gateway={GATEWAY}",
+        f"Address={ip}/{segment.prefixlen}",
+        f"Gateway={segment_gateway(segment)}",
         *(f"DNS={ns}" for ns in nameservers),
         "LinkLocalAddressing=no",
         "IPv6AcceptRA=no",
@@ -303,8 +333,8 @@ def nspawn_argv(host: Host, root: Path, wheelhouse: Path) -> list[str]:
 
 
 def nat_rules(out_interface: str) -> list[tuple[str, list[str]]]:
-    """(table, rule) pairs: masquerade the lab subnet out of the uplink, let it be forwarded."""
-    net = str(NETWORK)
+    """(table, rule) pairs: masquerade the lab's addresses out of the uplink, let them be forwarded."""
+    net = str(LAB_RANGE)
     tag = ["-m", "comment", "--comment", RULE_COMMENT]
     return [
         ("nat", ["POSTROUTING", "-s", net, "!", "-d", net, "-o", out_interface, *tag, "-j", "MASQUERADE"]),
@@ -398,7 +428,10 @@ class LabPaths:
 
     @property
     def lab(self) -> Path:
-        return self.repo / ".lab"
+        """``$LLMFLEET_LAB_DIR`` (what the inventories and the Makefile read), else ``<repo>/.lab``: one
+        folder for the hosts, their keys and their state, whichever checkout runs the command."""
+        chosen = os.environ.get("LLMFLEET_LAB_DIR")
+        return Path(chosen).absolute() if chosen else self.repo / ".lab"
 
     @property
     def machines(self) -> Path:
@@ -569,6 +602,8 @@ def _prepare_rootfs(root: Path, spec: RootfsSpec) -> None:
     (root / "etc/apt/sources.list").unlink(missing_ok=True)
     write_file(root, "etc/apt/sources.list.d/debian.sources", _apt_sources(spec))
     run(["chroot", str(root), "systemctl", "enable", "systemd-networkd.service", "ssh.service"])
+    # installed for the hosts that serve a site's mirror; roles/site_mirror enables it there
+    run(["chroot", str(root), "systemctl", "disable", "nginx.service"])
     for unit in MASKED_UNITS:
         _mask(root, unit)
     write_file(root, "etc/default/locale", "LANG=C.UTF-8\n")
@@ -704,11 +739,12 @@ def _netns_exists(name: str) -> bool:
     return Path("/run/netns", name).exists()
 
 
-def ensure_bridge() -> None:
-    if not _link_exists(BRIDGE):
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-    run(["ip", "addr", "replace", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE])
-    run(["ip", "link", "set", BRIDGE, "up"])
+def ensure_bridge(segment: ipaddress.IPv4Network = NETWORK) -> None:
+    bridge = segment_bridge(segment)
+    if not _link_exists(bridge):
+        run(["ip", "link", "add", bridge, "type", "bridge"])
+    run(["ip", "addr", "replace", f"{segment_gateway(segment)}/{segment.prefixlen}", "dev", bridge])
+    run(["ip", "link", "set", bridge, "up"])
 
 
 def default_route_interface() -> str:
@@ -756,7 +792,7 @@ def ensure_host_link(host: Host) -> None:
         run(["ip", "link", "del", host.veth])  # half a pair: start over
     if not _link_exists(host.veth):
         run(["ip", "link", "add", host.veth, "type", "veth", "peer", "name", CONTAINER_IF, "netns", host.netns])
-    run(["ip", "link", "set", host.veth, "master", BRIDGE, "up"])
+    run(["ip", "link", "set", host.veth, "master", host.bridge, "up"])
 
 
 def teardown_host(host_name: str) -> list[str]:
@@ -997,7 +1033,8 @@ def cmd_up(args: argparse.Namespace, paths: LabPaths, console: Console) -> ExitC
             _wipe_hosts(hosts, running, paths, console)
             running = dict.fromkeys(running)
         to_start = [h for h in hosts if running[h.name] is None]
-        ensure_bridge()
+        for segment in sorted({h.segment for h in hosts}):
+            ensure_bridge(segment)
         ensure_nat(paths)
         started = _boot(to_start, hosts, paths, console) if to_start else {}
         for host in hosts:
@@ -1103,19 +1140,28 @@ def _down_host(name: str, paths: LabPaths, console: Console) -> int:
     return changes
 
 
-def _bridge_ports() -> list[str]:
-    links = json.loads(run(["ip", "-j", "link", "show", "master", BRIDGE], check=False).stdout or "[]")
+def _bridge_ports(bridge: str) -> list[str]:
+    links = json.loads(run(["ip", "-j", "link", "show", "master", bridge], check=False).stdout or "[]")
     return [str(link.get("ifname")) for link in links]
 
 
+def lab_bridges() -> list[str]:
+    """The lab's bridges on this machine (llmf<N>)."""
+    links = json.loads(run(["ip", "-j", "link", "show", "type", "bridge"], check=False).stdout or "[]")
+    names = [str(link.get("ifname")) for link in links]
+    return sorted(n for n in names if re.fullmatch(BRIDGE_PREFIX + r"\d{1,3}", n))
+
+
 def _remove_network(paths: LabPaths) -> list[str]:
-    """The bridge and NAT go with the last host: hosts of other inventories may still use them."""
-    if _link_exists(BRIDGE) and _bridge_ports():
-        return []
+    """A bridge goes when its last host does; NAT with the last bridge (other inventories' hosts may
+    still use them)."""
     removed = []
-    if _link_exists(BRIDGE):
-        run(["ip", "link", "del", BRIDGE])
-        removed.append(f"bridge {BRIDGE}")
+    for bridge in lab_bridges():
+        if not _bridge_ports(bridge):
+            run(["ip", "link", "del", bridge])
+            removed.append(f"bridge {bridge}")
+    if lab_bridges():
+        return removed
     return removed + remove_nat(paths)
 
 
@@ -1138,15 +1184,25 @@ def cmd_status(args: argparse.Namespace, paths: LabPaths, console: Console) -> E
     hosts = load_inventory(args.inventory)
     with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
         rows = list(pool.map(lambda h: host_status(h, paths), hosts))
+    down = [r.name for r in rows if not (r.running and r.ssh)]
     if args.json:
-        doc = {"schema": STATUS_SCHEMA, "bridge": _link_exists(BRIDGE), "hosts": [vars(r) for r in rows]}
+        doc = {"schema": STATUS_SCHEMA, "bridge": _link_exists(BRIDGE), "bridges": lab_bridges(), "hosts": [vars(r) for r in rows]}
         print(json.dumps(doc, indent=2))
-        return ExitCode.OK
-    table = Table("host", "running", "pid", "ip", "ssh", title="llmfleet lab")
-    for r in rows:
-        table.add_row(r.name, "yes" if r.running else "no", str(r.pid or "-"), r.ip, "yes" if r.ssh else "no")
-    console.print(table)
-    return ExitCode.OK
+    elif args.check:
+        if down:
+            print(
+                f"error: {', '.join(down)} {'is' if len(down) == 1 else 'are'} not running or not reachable over ssh: "
+                f"start the lab with `make lab-up` (tools/lab.py up -i {args.inventory})",
+                file=sys.stderr,
+            )
+        else:
+            console.print(f"lab: {', '.join(r.name for r in rows)} running, ssh ready")
+    else:
+        table = Table("host", "running", "pid", "ip", "ssh", title="llmfleet lab")
+        for r in rows:
+            table.add_row(r.name, "yes" if r.running else "no", str(r.pid or "-"), r.ip, "yes" if r.ssh else "no")
+        console.print(table)
+    return ExitCode.DOWN if (args.check and down) else ExitCode.OK
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -1171,6 +1227,7 @@ def build_parser(paths: LabPaths) -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="stop the hosts, remove their network").set_defaults(func=cmd_down)
     status = sub.add_parser("status", parents=[common], help="per host: running, pid, IP, ssh reachable")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--check", action="store_true", help="exit 3 (naming the command that starts them) unless every host runs with ssh")
     status.set_defaults(func=cmd_status)
     destroy = sub.add_parser("destroy", parents=[common], help="down, then remove .lab/machines")
     destroy.set_defaults(func=cmd_destroy)

@@ -8,7 +8,7 @@ plugin and the tests all call :func:`evaluate_host`. It never touches a host.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -466,6 +466,11 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
     c.problems.extend(key_problems)
     runtime_pin = _check_host(c, spec, hw, hw_key, lock)
     _check_api_keys(c, spec, keyed)
+    if runtime_pin is not None and spec.site_mirror is not None:
+        unnamed = [r.name for r in runtime_pin.requirements or [] if not r.filename or r.size is None]
+        if unnamed:
+            c.error("llmfleet_site_mirror", spec.site, f"runtime {spec.runtime} pins {len(unnamed)} wheel(s) without file name and "
+                    f"size (e.g. {unnamed[0]}): a mirror serves files", f"pin it again: tools/pin.py runtime {spec.runtime}")
     if c.errors:
         raise PlanRefused(c.problems)
     assert runtime_pin is not None
@@ -522,16 +527,41 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
         "warnings": [str(p) for p in c.problems if p.severity == "warning"],
         "advice": list(c.advice),
     }
+    if spec.site is not None:
+        plan["site"] = _site(spec, runtime_pin)
     # The generation id is the hash of everything that makes the host what it is, so the same
-    # inputs give the same id on any control node; the host name is part of it.
-    plan["generation"] = content_hash({k: v for k, v in plan.items() if k not in ("warnings", "advice")}, 24)
+    # inputs give the same id on any control node; the host name is part of it. How the bytes
+    # reach the host (its site and mirror) is not what it runs: moving a mirror restarts nothing.
+    plan["generation"] = content_hash({k: v for k, v in plan.items() if k not in NOT_IN_GENERATION}, 24)
     return plan
 
 
+#: plan keys that do not make the host what it is
+NOT_IN_GENERATION = ("warnings", "advice", "site")
+
+
+def _site(spec: HostSpec, runtime_pin: RuntimePin) -> dict[str, Any]:
+    """The host's site: its name, its mirror, and the runtime's wheels as the mirror names them."""
+    mirror = spec.site_mirror
+    return {
+        "name": spec.site,
+        "mirror": mirror.model_dump() if mirror is not None else None,
+        "wheels": [
+            {"filename": r.filename, "sha256": r.sha256, "size": r.size}
+            for r in runtime_pin.requirements or []
+            if r.filename and r.size is not None
+        ],
+    }
+
+
 def evaluate_fleet(
-    hosts: Mapping[str, Mapping[str, Any]], lock: Lock
+    hosts: Mapping[str, Mapping[str, Any]], lock: Lock, only: Collection[str] | None = None
 ) -> tuple[dict[str, dict[str, Any]], list[Problem]]:
-    """Plan every host; return the plans of the valid ones and every problem of the others."""
+    """Plan every host; return the plans of the valid ones and every problem of the others.
+
+    ``only`` (a ``--limit``) narrows what is returned; the hosts outside it are still planned, so
+    that what spans hosts (a site and its mirror) is judged on the whole inventory.
+    """
     plans: dict[str, dict[str, Any]] = {}
     problems: list[Problem] = []
     for host in sorted(hosts):
@@ -539,7 +569,37 @@ def evaluate_fleet(
             plans[host] = evaluate_host(host, hosts[host], lock)
         except PlanRefused as exc:
             problems.extend(exc.problems)
+    problems.extend(check_sites(plans))
+    if only is not None:
+        keep = set(only)
+        plans = {h: p for h, p in plans.items() if h in keep}
+        problems = [p for p in problems if p.host in keep]
     return plans, problems
+
+
+def check_sites(plans: Mapping[str, Mapping[str, Any]]) -> list[Problem]:
+    """A site has one mirror: every host of it names the same one, and it runs on a host of the site."""
+    problems: list[Problem] = []
+    sites: dict[str, dict[str, list[str]]] = {}
+    for host, plan in sorted(plans.items()):
+        site = plan.get("site")
+        if site is not None:
+            mirror = site["mirror"]
+            sites.setdefault(site["name"], {}).setdefault(content_hash(mirror), []).append(host)
+    for name, mirrors in sorted(sites.items()):
+        members = sorted(h for hs in mirrors.values() for h in hs)
+        # each member is refused: a --limit on any one of them still sees why
+        if len(mirrors) > 1:
+            problems.extend(Problem(m, "llmfleet_site_mirror", name,
+                                    f"the hosts of site {name} name {len(mirrors)} different mirrors",
+                                    "one llmfleet_site_mirror per site (set it in the site's group_vars)") for m in members)
+            continue
+        host = plans[members[0]]["site"]["mirror"]
+        if host is not None and host["host"] not in members:
+            problems.extend(Problem(m, "llmfleet_site_mirror.host", host["host"],
+                                    f"the mirror of site {name} must run on a host of the site", ", ".join(members))
+                            for m in members)
+    return problems
 
 
 def explain_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[str, Any]:

@@ -176,6 +176,22 @@ class Instance(_Model):
     load: Load = Field(default_factory=Load)
 
 
+HTTP_URL = r"^https?://[A-Za-z0-9.\[\]:_-]+(/[A-Za-z0-9._~/-]*)?$"
+
+
+class SiteMirror(_Model):
+    """A site's mirror of the pinned artifacts: a host of the site serves them on the LAN.
+
+    ``url`` is what the site's hosts fetch from; ``upstream`` is where the mirror fills itself
+    from (the control node's ``tools/pin.py serve``, or another mirror); without an upstream the
+    mirror must already hold every blob (imported from a bundle: an air-gapped site).
+    """
+
+    host: Annotated[str, Field(min_length=1)]
+    url: Annotated[str, Field(pattern=HTTP_URL)]
+    upstream: Annotated[str, Field(pattern=HTTP_URL)] | None = None
+
+
 class HostSpec(_Model):
     """Everything one host runs: the value of its ``llmfleet_*`` inventory variables."""
 
@@ -185,6 +201,16 @@ class HostSpec(_Model):
     root: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]+$")] = "/var/lib/llmfleet"
     instances: list[Instance] = Field(default_factory=list)
     hardware_profiles: dict[str, HardwareProfile] = Field(default_factory=dict)
+    #: the site the host belongs to (hosts of a site share one mirror); None: artifacts come
+    #: straight from the control node
+    site: Annotated[str, Field(pattern=NAME_RE)] | None = None
+    site_mirror: SiteMirror | None = None
+
+    @model_validator(mode="after")
+    def _mirror_needs_site(self) -> HostSpec:
+        if self.site_mirror is not None and self.site is None:
+            raise ValueError("llmfleet_site_mirror is set but llmfleet_site is not: a mirror serves one site")
+        return self
 
     @field_validator("api_bind")
     @classmethod

@@ -67,7 +67,8 @@ options:
         unique prefix of at least 8 characters).
     type: str
   keep:
-    description: C(gc) only. Generations kept, the current one included (at least 1).
+    description: C(gc) only. Generations kept, the current one included (at least 1); the result's C(kept_blobs)
+    lists the sha256 of every file their plans pin (what a site mirror keeps for this host).
     type: int
     default: 3
   store_dir:
@@ -412,6 +413,16 @@ def mark(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {"changed": changed}
 
 
+def plan_blobs(plan: Any) -> set[str]:
+    """The sha256 of every file a generation's plan pins: its models' files and its runtime's wheels
+    (a site mirror keeps these for the generation)."""
+    if not isinstance(plan, dict):
+        return set()
+    out = {str(f.get("sha256")) for m in (plan.get("models") or {}).values() for f in (m.get("files") or []) if isinstance(f, dict)}
+    out.update(re.findall(r"--hash=sha256:([0-9a-f]{64})", str((plan.get("runtime") or {}).get("requirements") or "")))
+    return out
+
+
 def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     keep = params.get("keep")
     if not isinstance(keep, int) or keep < 1:
@@ -434,6 +445,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
             raise GenerationError(f"kept generation {gid} has no readable {MANIFEST}: refusing to collect store paths")
         referenced.update(str(e.get("path")) for e in manifest["store_paths"] if isinstance(e, dict))
     removed_generations = [g for g in root.on_disk() if g not in kept]
+    kept_blobs = sorted({b for gid in kept for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), "plan.json")))})
     try:
         store_entries = sorted(os.listdir(store_dir))
     except FileNotFoundError:
@@ -449,6 +461,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {
         "changed": bool(removed_generations or removed_store),
         "kept_generations": kept,
+        "kept_blobs": kept_blobs,
         "removed_generations": removed_generations,
         "removed_store_paths": removed_store,
     }

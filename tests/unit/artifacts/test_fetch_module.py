@@ -83,3 +83,48 @@ def test_check_mode_downloads_nothing_and_errors_are_one_line(cdn: TestHub, tmp_
     assert missing["failed"] and "HTTP 404" in missing["msg"] and "\n" not in missing["msg"]
     bad = run(tmp_path, **{**args(cdn, dest), "sha256": "xyz"})
     assert bad["failed"] and "64 lowercase hex digits" in bad["msg"]
+
+
+def test_many_files_in_one_task_trust_existing_ones_by_size_when_asked(cdn: TestHub, tmp_path: Path) -> None:
+    other = os.urandom(1000)
+    other_sha = hashlib.sha256(other).hexdigest()
+    cdn.publish("org/n", {"x.safetensors": other})
+    present, wrong, missing = tmp_path / "m" / "a", tmp_path / "m" / "b", tmp_path / "m" / "c"
+    present.parent.mkdir()
+    present.write_bytes(b"\0" * len(DATA))  # right size, other content: trusted by size, re-fetched by checksum
+    wrong.write_bytes(b"short")
+    files = [
+        {"url": f"{cdn.cdn}/blobs/{SHA}", "dest": str(present), "sha256": SHA, "size": len(DATA)},
+        {"url": f"{cdn.cdn}/blobs/{SHA}", "dest": str(wrong), "sha256": SHA, "size": len(DATA)},
+        {"url": f"{cdn.cdn}/blobs/{other_sha}", "dest": str(missing), "sha256": other_sha, "size": len(other)},
+    ]
+    r = run(tmp_path, files=files, existing="size")
+    assert (r["changed"], r["present"], r["fetched"]) == (True, 1, 2), r
+    assert present.read_bytes() == b"\0" * len(DATA) and wrong.read_bytes() == DATA and missing.read_bytes() == other
+    r = run(tmp_path, files=files)  # checksum: the stand-in of the right size is found out
+    assert (r["present"], r["fetched"]) == (2, 1) and present.read_bytes() == DATA
+    again = run(tmp_path, files=files)
+    assert not again["changed"] and again["present"] == 3
+
+
+def test_blobs_come_from_a_content_addressed_server_and_missing_ones_are_named_without_one(tmp_path: Path) -> None:
+    from llmfleet.artifacts.blobs import serve_in_thread
+
+    root = tmp_path / "upstream"
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "blobs" / "sha256" / SHA).write_bytes(DATA)
+    server = serve_in_thread([root])
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        mirror = tmp_path / "mirror" / "sha256"
+        blobs = [{"sha256": SHA, "size": len(DATA)}]
+        offline = run(tmp_path, blobs=blobs, blob_dir=str(mirror), base_url="")
+        assert offline["failed"] and "1 of 1 blob(s) are not in" in offline["msg"] and SHA in offline["msg"]
+        r = run(tmp_path, blobs=blobs, blob_dir=str(mirror), base_url=url, existing="size")
+        assert r["fetched"] == 1 and (mirror / SHA).read_bytes() == DATA
+        assert run(tmp_path, blobs=blobs, blob_dir=str(mirror), base_url="")["present"] == 1
+        named = run(tmp_path, blobs=[{"sha256": SHA, "size": len(DATA), "filename": "w-1.0-py3-none-any.whl"}],
+                    blob_dir=str(tmp_path / "wheels"), base_url=url)
+        assert named["fetched"] == 1 and (tmp_path / "wheels" / "w-1.0-py3-none-any.whl").read_bytes() == DATA
+    finally:
+        server.shutdown()

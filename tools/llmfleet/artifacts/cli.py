@@ -8,6 +8,7 @@ mismatch, or, for ``check``, missing or unexpected files).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -336,8 +337,99 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             continue
         _build_into_cache(key, _spec(key, model.source, dict(model.builder or {})), model)
         say(f"model {key}: built and verified in {dst}")
+    from .blobs import link_blobs, lock_blobs
+
+    resolved = lock_blobs(lock, [k for k, p in runtimes.items() if p.resolved], [k for k, p in models.items() if p.resolved])
+    made = link_blobs(cache_root(), resolved)
+    if made:
+        say(f"blobs: {made} new name(s) in {cache_root() / 'blobs' / 'sha256'} (what tools/pin.py serve and bundles offer)")
     if explicit and skipped:
         raise LlmfleetError(f"{', '.join(skipped)}: unresolved in the lock, nothing to fetch")
+    return ExitCode.OK
+
+
+# --- sites: the upstream server and bundles ----------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the cache's blobs read-only until interrupted: the upstream a site's mirror fills from."""
+    import signal
+
+    from .blobs import make_server
+
+    binds = []
+    for bind in args.bind or ["127.0.0.1:8091"]:
+        host, _, port = bind.rpartition(":")
+        if not host or not port.isdigit():
+            raise LlmfleetError(f"--bind {bind!r}: expected ADDRESS:PORT, e.g. 10.213.1.1:8091")
+        binds.append((host, int(port)))
+    roots = [Path(r) for r in args.root] or [cache_root()]
+    for r in roots:
+        if not (r / "blobs" / "sha256").is_dir():
+            raise LlmfleetError(f"--root {r}: no blobs/sha256/ in it (tools/pin.py fetch makes it in the cache)")
+    log = say if args.verbose else (lambda _: None)
+    try:
+        servers = [make_server(roots, b, log) for b in binds]
+    except OSError as exc:
+        raise LlmfleetError(f"cannot listen on {', '.join(f'{h}:{p}' for h, p in binds)}: {exc.strerror or exc}") from exc
+    for server in servers:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    where = ", ".join(f"http://{h}:{s.server_address[1]}" for (h, _), s in zip(binds, servers, strict=True))
+    say(f"serving {', '.join(str(r) for r in roots)} at {where} (/sha256/<sha256>; Ctrl-C stops)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    return ExitCode.OK
+
+
+def _site_needs(lock: Lock, inventory: str, site: str | None) -> tuple[set[str], set[str], list[str]]:
+    """Runtimes and models the plans of an inventory (one site of it) use, and the hosts."""
+    from ..errors import PlanRefused
+    from ..inventory import load_inventory
+    from ..plan import evaluate_fleet
+
+    plans, problems = evaluate_fleet(load_inventory(inventory), lock)
+    if problems:
+        raise PlanRefused(problems)
+    chosen = {h: p for h, p in plans.items() if site is None or (p.get("site") or {}).get("name") == site}
+    if not chosen:
+        known = sorted({str(p["site"]["name"]) for p in plans.values() if p.get("site")})
+        raise LlmfleetError(f"--limit {site}: no host of {inventory} is in that site (sites: {', '.join(known) or 'none'})")
+    runtimes = {p["runtime"]["key"] for p in chosen.values()}
+    models = {m for p in chosen.values() for m in p["models"]}
+    return runtimes, models, sorted(chosen)
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    from .blobs import export_bundle, link_blobs, lock_blobs
+
+    path = lock_path(args.lock)
+    lock = read_lock(path)
+    runtimes, models, hosts = _site_needs(lock, args.inventory, args.limit)
+    blobs = lock_blobs(lock, sorted(runtimes), sorted(models))
+    link_blobs(cache_root(), blobs)
+    roots = [Path(r) for r in args.root] or [cache_root()]
+    started = time.monotonic()
+    meta = {"site": args.limit, "hosts": hosts, "runtimes": sorted(runtimes), "models": sorted(models)}
+    nbytes = export_bundle(Path(args.output), blobs, roots, path.read_text(), meta, log=say if args.verbose else lambda _: None)
+    size = Path(args.output).stat().st_size
+    say(
+        f"{args.output}: {len(blobs)} blobs ({_mb(nbytes)}) for {len(hosts)} host(s) ({', '.join(hosts)}), "
+        f"{_mb(size)} in all, written in {time.monotonic() - started:.1f} s"
+    )
+    return ExitCode.OK
+
+
+def cmd_bundle_import(args: argparse.Namespace) -> int:
+    from .blobs import import_bundle
+
+    started = time.monotonic()
+    report = import_bundle(Path(args.bundle), Path(args.into), log=say)
+    say(f"imported in {time.monotonic() - started:.1f} s ({report.added} new blob(s), site {report.manifest.get('site') or 'all'})")
     return ExitCode.OK
 
 
@@ -439,6 +531,25 @@ def parser() -> argparse.ArgumentParser:
             f.add_argument("--find-links", action="append", type=Path, default=[], help="local folder of wheels to copy from first")
             f.add_argument("--jobs", type=int, default=4, help="files downloaded at once from a hub (default 4)")
         f.set_defaults(func=func)
+    sv = sub.add_parser("serve", help="serve the cache's blobs (/sha256/<hex>, Range) read-only: the upstream of site mirrors")
+    sv.add_argument("--bind", action="append", help="ADDRESS:PORT to listen on (repeatable; default 127.0.0.1:8091)")
+    sv.add_argument("--root", action="append", default=[], help="a folder holding blobs/sha256/ (repeatable; default the cache)")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    sv.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bundle", help="one archive of every artifact an inventory (or a site) uses, for sites without a WAN")
+    bsub = b.add_subparsers(dest="bundle_command", required=True)
+    be = bsub.add_parser("export", help="write the bundle (the same inputs give the same bytes)")
+    be.add_argument("-i", "--inventory", required=True, help="inventory whose plans say what goes in")
+    be.add_argument("-l", "--limit", help="only the hosts of this site (llmfleet_site)")
+    be.add_argument("-o", "--output", required=True, help="the bundle file to write (.tar)")
+    be.add_argument("--root", action="append", default=[], help="a folder holding blobs/sha256/ (repeatable; default the cache)")
+    be.add_argument("-v", "--verbose", action="store_true", help="name every blob written")
+    be.set_defaults(func=cmd_bundle_export)
+    bi = bsub.add_parser("import", help="check every blob of a bundle and put it into a mirror folder")
+    bi.add_argument("bundle", help="the bundle file")
+    bi.add_argument("--into", required=True, help="the mirror's folder (it serves <folder>/sha256/<hex>)")
+    bi.set_defaults(func=cmd_bundle_import)
     return p
 
 

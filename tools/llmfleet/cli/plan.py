@@ -14,7 +14,7 @@ from typing import Any
 from .. import rules
 from ..capacity import fmt_bytes
 from ..errors import InputError, Problem
-from ..inventory import load_inventory
+from ..inventory import load_inventory, load_inventory_limited
 from ..pins import DEFAULT_LOCK, Lock, load_lock
 from ..plan import evaluate_fleet, explain_host, parse_spec, resolve_hardware
 from .common import ExitCode, dump_json, run
@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     def _main() -> int:
         if args.recommend:
             return _recommend(args)
-        hosts = load_inventory(args.inventory, args.host)
+        everyone, selected = load_inventory_limited(args.inventory, args.host)
+        hosts = {h: everyone[h] for h in selected if h in everyone}
         lock = load_lock(args.lock)
-        plans, problems = evaluate_fleet(hosts, lock)
+        plans, problems = evaluate_fleet(everyone, lock, only=selected)
         unresolved = {h: p["unresolved"] for h, p in plans.items() if p["unresolved"]}
         ok = not problems and not (args.strict and unresolved)
         explained = [explain_host(h, hosts[h], lock) for h in sorted(hosts)] if args.explain else []
