@@ -257,7 +257,7 @@ def test_wheel_scan_hashes_the_wheel_and_the_cli_pins_it(tmp_path: Path, capsys:
 
 
 def test_not_a_release_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ScanError, match="no module vllm.entrypoints.openai.api_server"):
+    with pytest.raises(ScanError, match=r"no module vllm\.entrypoints\.openai\.api_server"):
         scan_options(tmp_path)
 
 

@@ -36,6 +36,20 @@ class Requirement(_Pin):
         return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
 
 
+#: value types of an engine option (``llmfleet.options_scan``): ``bool`` takes ``--x`` / ``--no-x``,
+#: ``flag`` is a switch without a value, ``list[...]`` takes several values, ``optional[...]`` may be bare
+ENGINE_OPTION_TYPE = r"^(bool|flag|int|float|str|json|(list|optional)\[(int|float|str|json)\])$"
+
+
+class EngineOption(_Pin):
+    """One option of the engine's API server, as its own parser defines it."""
+
+    type: Annotated[str, Field(pattern=ENGINE_OPTION_TYPE)]
+    choices: tuple[str, ...] | None = None
+    dest: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")] | None = None  # where it differs from the name
+    aliases: tuple[str, ...] | None = None  # other option strings of the same option (-tp, --disable-x)
+
+
 class RuntimePin(_Pin):
     distribution: str
     version: str
@@ -53,6 +67,10 @@ class RuntimePin(_Pin):
     #: release when pinning (``llmfleet.rules_scan``); None: not scanned, the PP rule cannot decide
     supports_pp: list[str] | None = None
     supports_pp_source: str | None = None
+    #: the API server's options (name without dashes -> type), read from the release when pinning
+    #: (``llmfleet.options_scan``); None: not scanned, an instance with engine_args is refused
+    engine_options: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")], EngineOption] | None = None
+    engine_options_source: str | None = None
     notes: str | None = None
 
     @property
@@ -155,6 +173,9 @@ class ModelPin(_Pin):
     architecture: ArchFacts
     quantization: str | None = None
     trust_remote_code: bool = False
+    #: engine flags this model needs that llmfleet refuses by default (catalog/engine_args.yml):
+    #: the plan carries a warning for each one an instance uses
+    allow_engine_args: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] | None = None
     builder: dict[str, Any] | None = None
     facts_source: str | None = None
     uncertain: list[str] | bool | None = None

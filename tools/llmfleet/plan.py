@@ -13,12 +13,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import rules
+from . import engine_args, rules
 from .errors import PlanRefused, Problem, from_validation_error
 from .pins import Lock, ModelPin, RuntimePin, content_hash, model_store_name, runtime_store_name
 from .spec import (
-    ENGINE_ARG_RE,
-    MANAGED_ENGINE_ARGS,
     RENAMED_HOST_VARS,
     RENAMED_INSTANCE_FIELDS,
     HardwareProfile,
@@ -199,11 +197,9 @@ def _check_instance(
             "prompt_tokens + output_tokens exceed max_model_len",
             f"a sum of at most {inst.max_model_len}",
         )
-    for name in inst.engine_args:
-        if not ENGINE_ARG_RE.match(name):
-            c.error(f"{at}.engine_args", name, "is not a vLLM flag name", "snake_case, e.g. enforce_eager")
-        elif name in MANAGED_ENGINE_ARGS:
-            c.error(f"{at}.engine_args.{name}", inst.engine_args[name], "is set by llmfleet", f"use {MANAGED_ENGINE_ARGS[name]}")
+    if runtime is not None:
+        for f in engine_args.check(inst.engine_args, runtime_key or "", runtime, inst.model, model):
+            (c.warn if f.severity == "warning" else c.error)(f"{at}.{f.where}", f.value, f.message, f.valid)
     if hw.accelerator == "cpu":
         if inst.kv_cache_memory_bytes is None:
             c.error(
@@ -311,15 +307,6 @@ def _check_api_keys(c: _Checker, spec: HostSpec, keyed: frozenset[str]) -> None:
             )
 
 
-def _engine_flag(name: str, value: Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return [flag]
-    if value is False:
-        return ["--no-" + name.replace("_", "-")]
-    return [flag, str(value)]
-
-
 def _instance_plan(
     spec: HostSpec,
     inst: Instance,
@@ -328,6 +315,7 @@ def _instance_plan(
     model_path: str,
     model_pin: ModelPin,
     keyed: frozenset[str],
+    runtime_pin: RuntimePin,
 ) -> dict[str, Any]:
     state_dir = f"{spec.root}/state/{inst.name}"
     argv = [
@@ -358,8 +346,9 @@ def _instance_plan(
     if model_pin.trust_remote_code:
         # only a pin may allow it (engine_args cannot); the plan carries a warning
         argv.append("--trust-remote-code")
-    for name in sorted(inst.engine_args):
-        argv += _engine_flag(name, inst.engine_args[name])
+    options = runtime_pin.engine_options or {}
+    for name in sorted(inst.engine_args):  # checked against these options: `--flag=value`, one argv element each
+        argv.append(engine_args.render(name, inst.engine_args[name], options[name.replace("_", "-")]))
 
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -494,7 +483,7 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
             "files": [f.model_dump() for f in pin.files or []],
         }
     instances = [
-        _instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"], lock.models[inst.model], keyed)
+        _instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"], lock.models[inst.model], keyed, runtime_pin)
         for inst in spec.instances
     ]
     for i, inst_plan in enumerate(instances):

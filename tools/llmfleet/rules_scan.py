@@ -35,7 +35,7 @@ class ScanError(Exception):
     """The source could not be read as a vLLM release."""
 
 
-class _Source:
+class Release:
     """Text files of a release, from a wheel or a directory, addressed by posix path."""
 
     def __init__(self, path: Path):
@@ -127,7 +127,7 @@ def _resolve_relative(current: str, is_package: bool, level: int, module: str | 
 
 
 class _Scanner:
-    def __init__(self, source: _Source):
+    def __init__(self, source: Release):
         self.source = source
         self._modules: dict[str, _Module | None] = {}
         self._verdicts: dict[tuple[str, str], bool | None] = {}
@@ -311,7 +311,7 @@ def _sha256(path: Path) -> str:
 
 def scan_supports_pp(path: str | Path) -> ScanResult:
     """Scan a vLLM wheel or source tree; architectures are sorted, unresolved ones say why."""
-    src = _Source(Path(path))
+    src = Release(Path(path))
     text = src.read(REGISTRY)
     if text is None:
         raise ScanError(f"{path}: no {REGISTRY} (not a vLLM wheel or source tree)")

@@ -16,7 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
-ENGINE_ARG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 SPEC_PREFIX = "llmfleet_"
 #: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
 NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report"})  # facts the playbooks set, not spec
@@ -37,22 +36,6 @@ RENAMED_INSTANCE_FIELDS: dict[str, str] = {
     "devices": "gpus",
     "context_length": "max_model_len",
     "extra_args": "engine_args (a mapping of vLLM flag name to value)",
-}
-
-#: engine flags llmfleet sets itself from typed fields; engine_args may not override them
-MANAGED_ENGINE_ARGS: dict[str, str] = {
-    "model": "model",
-    "served_model_name": "model",
-    "host": "llmfleet_api_bind",
-    "port": "port",
-    "tensor_parallel_size": "tensor_parallel",
-    "pipeline_parallel_size": "pipeline_parallel",
-    "max_model_len": "max_model_len",
-    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
-    "gpu_memory_utilization": "gpu_memory_utilization",
-    "api_key": "an API key environment file (never argv)",
-    "trust_remote_code": "the model pin's trust_remote_code",
-    "download_dir": "the model store",
 }
 
 EngineValue = str | int | float | bool
