@@ -10,14 +10,43 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, PlanRefused, from_validation_error
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+# What a host later writes, installs or reads from the lock is checked here, when the lock is loaded:
+# a requirement line is exactly `name==version --hash=sha256:<hex>` (a newline or a space in a name
+# would inject pip options), a file path stays inside its store path.
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
+#: an exact PEP 440 version, with an optional local part (2.13.0+cpu); no specifier, no marker
+_VERSION_RE = re.compile(r"^([0-9]+!)?[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?(\+[A-Za-z0-9]+(\.[A-Za-z0-9]+)*)?$")
+_WHEEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.whl$")
+_SYSTEM_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
+_FILE_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def _matching(regex: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        if not regex.match(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _inside_store(value: str) -> str:
+    if not _FILE_PATH_RE.match(value) or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError("must be a relative path inside the model's store path: segments of A-Z a-z 0-9 . _ -, no . or .. segment")
+    return value
+
+
+PackageName = Annotated[str, _matching(_NAME_RE, "a package name (letters, digits, '.', '_', '-'; no spaces or options)")]
 DEFAULT_LOCK = Path(__file__).resolve().parents[2] / "pins" / "lock.json"
 
 
@@ -26,10 +55,10 @@ class _Pin(BaseModel):
 
 
 class Requirement(_Pin):
-    name: str
-    version: str
+    name: PackageName
+    version: Annotated[str, _matching(_VERSION_RE, "an exact version (PEP 440, e.g. 2.13.0 or 2.13.0+cpu)")]
     sha256: SHA256
-    filename: str | None = None
+    filename: Annotated[str, _matching(_WHEEL_RE, "a wheel's file name (*.whl, no directory)")] | None = None
     size: Annotated[int, Field(ge=0)] | None = None
 
     def line(self) -> str:
@@ -60,8 +89,10 @@ class RuntimePin(_Pin):
     status: Literal["resolved", "unresolved"] = "resolved"
     reason: str | None = None
     requirements: list[Requirement] | None = None
-    excluded: list[str] = Field(default_factory=list)
-    system_packages: list[str] = Field(default_factory=list)
+    excluded: list[PackageName] = Field(default_factory=list)
+    system_packages: list[
+        Annotated[str, _matching(_SYSTEM_PACKAGE_RE, "a distribution package name (letters, digits, '+', '.', '_', '-')")]
+    ] = Field(default_factory=list)
     metadata_shim: bool = False
     #: architectures whose model class declares ``SupportsPP`` in this engine version, read from the
     #: release when pinning (``llmfleet.rules_scan``); None: not scanned, the PP rule cannot decide
@@ -86,7 +117,7 @@ class RuntimePin(_Pin):
 
 
 class FilePin(_Pin):
-    path: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]*$")]
+    path: Annotated[str, AfterValidator(_inside_store)]
     sha256: SHA256
     size: Annotated[int, Field(ge=0)]
 
