@@ -30,7 +30,7 @@ def store_path(root: Path, name: str) -> Path:
     return path
 
 
-def render(root: Path, gid: str, runtime: Path, models: list[Path], unit: str = "[Service]\n") -> None:
+def render(root: Path, gid: str, runtime: Path | str, models: list[Path], unit: str = "[Service]\n") -> None:
     d = root / "generations" / gid
     (d / "instances" / "tiny").mkdir(parents=True)
     (d / "units").mkdir()
@@ -172,3 +172,65 @@ def test_gc_refuses_keep_below_one(host: Path, keep: int) -> None:
 def test_bad_generation_id_is_named(host: Path) -> None:
     with pytest.raises(gen.GenerationError, match=r"generation '\.\./etc' is not a generation id"):
         switch(host, "../etc")
+
+
+# --- gc against a root spelled another way, work in progress, and a concurrent gc -----------------
+
+
+def test_gc_compares_real_paths_not_spellings(host: Path) -> None:
+    """A root spelled /var/lib/./llmfleet (here <tmp>/./llmfleet) must not make gc take the live
+    runtime and model for unreferenced paths."""
+    switch(host, A)
+    spelled = f"{host.parent}/./{host.name}"  # a string: pathlib would normalise it
+    out = gen.run({**params(host, "gc", keep=1), "root": spelled}, check=False)
+    assert (host / "store" / "r1-vllm").exists() and (host / "store" / "m1-tiny").exists(), out
+    assert sorted(os.path.basename(p) for p in out["removed_store_paths"]) == ["m2-tiny", "orphan-model", "r2-vllm"]
+
+
+def test_gc_compares_real_paths_of_the_manifests_too(host: Path, tmp_path: Path) -> None:
+    rt = store_path(host, "r3-vllm")
+    spelled_rt = f"{host.parent}/./{host.name}/store/{rt.name}"  # as an old manifest may record it
+    render(host, "e" * 24, spelled_rt, [host / "store" / "m1-tiny"])
+    switch(host, "e" * 24)
+    gen.run(params(host, "gc", keep=1), check=False)
+    assert rt.exists() and (host / "store" / "m1-tiny").exists()
+
+
+def test_gc_never_touches_a_partial_build(host: Path) -> None:
+    switch(host, A)
+    partial = host / "store" / "x-vllm-cpu.partial"
+    partial.mkdir()
+    (partial / "half-written").write_text("x")
+    gen.run(params(host, "gc", keep=1), check=False)
+    assert partial.exists()
+
+
+def test_gc_never_touches_a_generation_or_store_path_newer_than_current(host: Path) -> None:
+    """A rollout renders its generation and builds its store paths before it switches: gc between
+    the two must leave them alone (rendered after the last switch = newer than current)."""
+    switch(host, A)
+    time_after_switch = os.lstat(host / "current").st_mtime_ns
+    fresh = store_path(host, "r9-vllm")  # built by the running rollout, not sealed into anything yet
+    render(host, "f" * 24, fresh, [host / "store" / "m2-tiny"])
+    unsealed = host / "generations" / ("9" * 24)
+    unsealed.mkdir()  # still being rendered
+    assert os.lstat(fresh).st_ctime_ns >= time_after_switch
+    out = gen.run(params(host, "gc", keep=1), check=False)
+    assert (host / "generations" / ("f" * 24)).exists() and unsealed.exists(), out
+    assert fresh.exists() and (host / "store" / "m2-tiny").exists(), out
+    assert sorted(out["removed_generations"]) == [B, C, D]
+
+
+def test_gc_takes_a_lock_and_waits_for_no_one_forever(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    switch(host, A)
+    monkeypatch.setattr(gen, "LOCK_WAIT_S", 0.3)
+    with open(host / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another gc (or a switch) is running
+        with pytest.raises(gen.GenerationError, match=r"another llmfleet_generation action holds .*\.lock"):
+            gen.run(params(host, "gc", keep=1), check=False)
+        with pytest.raises(gen.GenerationError, match="another llmfleet_generation action"):
+            switch(host, B)
+    assert (host / "store" / "orphan-model").exists() and os.readlink(host / "current") == f"generations/{A}"
+    assert gen.run(params(host, "gc", keep=1), check=False)["changed"]  # released: it runs
