@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def host(tmp_path: Path) -> Path:
     render(root, B, rt1, [m2])
     render(root, C, rt2, [m2])
     render(root, D, rt2, [m2], unit="[Service]\nX=1\n")
+    # gc keeps what arrived after the last switch (a rollout in progress); file times have the
+    # kernel's coarse clock (a few ms): the switches a test makes come strictly after this tree
+    time.sleep(0.05)
     return root
 
 
@@ -210,6 +214,7 @@ def test_gc_never_touches_a_generation_or_store_path_newer_than_current(host: Pa
     the two must leave them alone (rendered after the last switch = newer than current)."""
     switch(host, A)
     time_after_switch = os.lstat(host / "current").st_mtime_ns
+    time.sleep(0.05)
     fresh = store_path(host, "r9-vllm")  # built by the running rollout, not sealed into anything yet
     render(host, "f" * 24, fresh, [host / "store" / "m2-tiny"])
     unsealed = host / "generations" / ("9" * 24)

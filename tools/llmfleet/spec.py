@@ -8,6 +8,7 @@ refused, never silently ignored). A renamed or removed variable is refused with 
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
 SPEC_PREFIX = "llmfleet_"
+#: llmfleet_root lives below this (systemd's StateDirectory= is relative to /var/lib, which only root may write)
+ROOT_PARENT = "/var/lib/"
 #: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
 NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report"})  # facts the playbooks set, not spec
 
@@ -168,6 +171,19 @@ class HostSpec(_Model):
     root: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]+$")] = "/var/lib/llmfleet"
     instances: list[Instance] = Field(default_factory=list)
     hardware_profiles: dict[str, HardwareProfile] = Field(default_factory=dict)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        # checked once, here, on the control node: the roles, gc and StateDirectory= take it as given
+        if posixpath.normpath(v) != v or v.startswith("//"):
+            raise ValueError("must be a normalised absolute path (no ., .. or empty segment, no trailing /), e.g. /var/lib/llmfleet")
+        if not v.startswith(ROOT_PARENT):
+            raise ValueError(
+                f"must be a directory under {ROOT_PARENT} (root's, and systemd's StateDirectory= is relative to it;"
+                " never a world-writable place such as /tmp), e.g. /var/lib/llmfleet"
+            )
+        return v
 
     @field_validator("api_bind")
     @classmethod

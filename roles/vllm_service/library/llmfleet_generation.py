@@ -25,7 +25,12 @@ options:
         resolves a rollback target.
       - C(mark) records a verdict in the generation (I(failed) or I(verified)).
       - C(gc) keeps I(keep) generations, the current one and the most recently switched-to others, removes
-        the other generations and every store path that no kept generation references.
+        the other generations and every store path that no kept generation references. Paths are compared
+        as real paths (a root spelled C(/var/lib/./llmfleet) is the same root). It never touches a C(.partial)
+        build, nor a generation or store path newer than the last switch (a rollout renders and builds before
+        it switches).
+      - C(seal), C(switch), C(mark) and C(gc) hold an exclusive lock on C(<root>/.lock) while they run; one
+        that cannot get it within a minute fails.
     type: str
     required: true
     choices: [seal, switch, status, mark, gc]
@@ -131,8 +136,14 @@ removed_store_paths:
   description: Store paths removed (or that would be, in check mode) by C(gc).
   returned: when action is gc
   type: list
+in_progress_generations:
+  description: Generations C(gc) kept because they were rendered after the last switch (a rollout in progress).
+  returned: when action is gc
+  type: list
 """
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -140,6 +151,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
@@ -149,6 +161,10 @@ HISTORY = "history.json"
 VERDICT_FILES = ("verified.json", "failed.json")
 NOT_SEALED = (MANIFEST, *VERDICT_FILES)
 MARKER = ".llmfleet-complete"
+PARTIAL = ".partial"  # a store path being built (<path>.partial, renamed when complete)
+LOCK = ".lock"
+#: how long an action waits for another one (a gc, a switch) to release the root's lock
+LOCK_WAIT_S = 60.0
 SCHEMA = 1
 ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -209,6 +225,38 @@ class Root:
         self.generations = os.path.join(root, "generations")
         self.current_link = os.path.join(root, "current")
         self.history_file = os.path.join(root, HISTORY)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``<root>/.lock`` (flock, exclusive) for one action; fail after LOCK_WAIT_S."""
+        if not os.path.isdir(self.root):  # nothing rendered yet (check mode before install): nothing to guard
+            yield
+            return
+        path = os.path.join(self.root, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise GenerationError(
+                            f"another llmfleet_generation action holds {path} (waited {LOCK_WAIT_S:g} s): a gc or a switch"
+                            " is running on this host; try again when it is done"
+                        ) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def switched_at(self) -> int | None:
+        """When ``current`` was last switched (the symlink's own mtime, ns), or None."""
+        try:
+            return os.lstat(self.current_link).st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def gen_dir(self, generation: str) -> str:
         if not ID_RE.match(generation or ""):
@@ -412,6 +460,12 @@ def mark(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {"changed": changed}
 
 
+def _arrived(path: str) -> int:
+    """When a path got its present content (ns): a rename or a write changes ctime or mtime."""
+    st = os.lstat(path)
+    return max(st.st_mtime_ns, st.st_ctime_ns)
+
+
 def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     keep = params.get("keep")
     if not isinstance(keep, int) or keep < 1:
@@ -419,6 +473,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     store_dir = params.get("store_dir") or os.path.join(root.root, "store")
     current = root.current()
     history = root.history()
+    switched_at = root.switched_at()
     kept: list[str] = [current] if current else []
     for entry in reversed(history):
         gid = entry["generation"]
@@ -426,20 +481,41 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
             break
         if gid not in kept and os.path.isdir(os.path.join(root.generations, gid)):
             kept.append(gid)
+
+    def newer_than_current(path: str) -> bool:
+        # a rollout renders its generation and builds its store paths before it switches to them
+        return switched_at is None or _arrived(path) >= switched_at
+
+    # a generation rendered after the last switch (sealed after it, or still being rendered) belongs to
+    # a rollout that has not switched yet: it is kept, and so is every store path it names
+    in_progress = []
+    for gid in root.on_disk():
+        if gid in kept:
+            continue
+        manifest = os.path.join(root.generations, gid, MANIFEST)
+        if newer_than_current(manifest if os.path.isfile(manifest) else os.path.join(root.generations, gid)):
+            in_progress.append(gid)
     referenced: set[str] = set()
-    for gid in kept:
+    for gid in kept + in_progress:
         manifest = read_json(os.path.join(root.gen_dir(gid), MANIFEST))
+        if manifest is None and gid in in_progress:
+            continue  # not sealed yet: the store paths it will name are newer than current too
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             # a kept generation whose needs are unknown: collect nothing rather than guess
             raise GenerationError(f"kept generation {gid} has no readable {MANIFEST}: refusing to collect store paths")
-        referenced.update(str(e.get("path")) for e in manifest["store_paths"] if isinstance(e, dict))
-    removed_generations = [g for g in root.on_disk() if g not in kept]
+        # real paths: a root spelled /var/lib/./llmfleet (here or in an old manifest) is the same root
+        referenced.update(os.path.realpath(str(e.get("path"))) for e in manifest["store_paths"] if isinstance(e, dict))
+    removed_generations = [g for g in root.on_disk() if g not in kept and g not in in_progress]
     try:
         store_entries = sorted(os.listdir(store_dir))
     except FileNotFoundError:
         store_entries = []
     removed_store = [
-        os.path.join(store_dir, name) for name in store_entries if os.path.join(store_dir, name) not in referenced
+        os.path.join(store_dir, name)
+        for name in store_entries
+        if not name.endswith(PARTIAL)  # a build in progress (or interrupted: its builder removes it)
+        and os.path.realpath(os.path.join(store_dir, name)) not in referenced
+        and not newer_than_current(os.path.join(store_dir, name))
     ]
     if not check:
         for gid in removed_generations:
@@ -449,6 +525,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {
         "changed": bool(removed_generations or removed_store),
         "kept_generations": kept,
+        "in_progress_generations": in_progress,
         "removed_generations": removed_generations,
         "removed_store_paths": removed_store,
     }
@@ -477,7 +554,8 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
     if action in ("seal", "switch", "mark") and not params.get("generation"):
         raise GenerationError(f"action={action} needs generation")
     if action in ACTIONS:
-        result.update(ACTIONS[action](root, params, check))
+        with root.locked():
+            result.update(ACTIONS[action](root, params, check))
     if action == "status" and params.get("to") is not None:
         result["target"] = root.resolve(str(params["to"]))
     described = root.describe()
