@@ -211,12 +211,22 @@ def _parse_event(data: bytes) -> object:
         raise ProtocolError(f"malformed SSE: invalid JSON in event ({exc}): {data[:60]!r}") from None
 
 
+#: events a completion stream may send beyond one per output token (a final chunk, usage, [DONE], ...)
+STREAM_EVENT_SLACK = 16
+
+
 class _Stream:
-    """Consumes the SSE events of one streaming completion (see the metrics module for definitions)."""
+    """Consumes the SSE events of one streaming completion (see the metrics module for definitions).
 
-    __slots__ = ("done", "finish_reason", "first", "itl", "last", "output_tokens", "prompt_tokens", "usage_seen")
+    A stream sends at most one content event per output token: one that sends more than
+    ``max_tokens + STREAM_EVENT_SLACK`` events is refused at once, so an endless stream costs
+    neither the request's deadline nor memory (its inter-token gaps are kept)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "events", "finish_reason", "first", "itl", "last", "max_events", "output_tokens", "prompt_tokens", "usage_seen")
+
+    def __init__(self, max_tokens: int = 0) -> None:
+        self.max_events = max_tokens + STREAM_EVENT_SLACK
+        self.events = 0
         self.done = False
         self.first: float | None = None
         self.last = 0.0
@@ -230,6 +240,11 @@ class _Stream:
         """The events one read completed (all seen at time ``t``); the hot loop of a load."""
         itl = self.itl
         scan = _scan
+        self.events += len(events)
+        if self.events > self.max_events:
+            raise ProtocolError(
+                f"stream sent more events than {self.max_events} (max_tokens {self.max_events - STREAM_EVENT_SLACK} + {STREAM_EVENT_SLACK})"
+            )
         for data in events:
             if self.done:
                 raise ProtocolError("malformed SSE: event after [DONE]")
@@ -283,7 +298,7 @@ async def stream_completion(conn: Connection, model: str, prompt: str, max_token
             "stream_options": {"include_usage": True},
         }
     ).encode()
-    st = _Stream()
+    st = _Stream(max_tokens)
     parser = SseParser(on_batch=st.on_events)
     sent = time.perf_counter()
     try:
@@ -466,9 +481,10 @@ class _Run:
         base = self.config.timeouts
         delay = 0.2
         while True:
-            # each probe's limits are capped by the time left (at least 0.5 s: a zero wait still probes once)
+            # each probe's limits are capped by the time left (at least 0.5 s: a zero wait still probes once),
+            # the whole probe too: a body that trickles inside the idle timeout must not outlive the wait
             remaining = max(deadline - loop.time(), 0.5)
-            probe = Timeouts(min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining))
+            probe = Timeouts(min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining), remaining)
             conn = self._connection(probe)
             try:
                 resp = await conn.request("GET", "/health")
