@@ -62,8 +62,8 @@ def host(tmp_path: Path) -> Path:
     return root
 
 
-def switch(root: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
-    return gen.run(params(root, "switch", generation=gid, reason=reason), check=False)
+def switch(host: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
+    return gen.run(params(host, "switch", generation=gid, reason=reason), check=False)
 
 
 def test_seal_hashes_every_file_and_store_marker(host: Path) -> None:
@@ -239,3 +239,73 @@ def test_gc_takes_a_lock_and_waits_for_no_one_forever(host: Path, monkeypatch: p
             switch(host, B)
     assert (host / "store" / "orphan-model").exists() and os.readlink(host / "current") == f"generations/{A}"
     assert gen.run(params(host, "gc", keep=1), check=False)["changed"]  # released: it runs
+
+
+# --- keys belong to the generations that use them; verdicts and switches ------------------------
+
+
+def _keyed_generation(root: Path, gid: str, keyed: list[str], runtime: Path, key_dir: Path) -> None:
+    render(root, gid, runtime, [])
+    plan = {"generation": gid, "instances": [
+        {"name": n, "api_key_required": n in keyed, "api_key_file": str(key_dir / f"{n}.env") if n in keyed else None}
+        for n in ("x", "y")
+    ]}  # fmt: skip
+    (root / "generations" / gid / "plan.json").write_text(json.dumps(plan))
+    gen.run(params(root, "seal", generation=gid, host="h", instances={}, runtime_store_path=str(runtime), model_store_paths=[]), False)
+
+
+def test_gc_removes_a_key_file_only_with_the_last_generation_that_needs_it(tmp_path: Path) -> None:
+    """A generation that un-exposes x and fails its switch rolls back to one that needs x's key:
+    the key stays while any kept generation needs it, and goes with the last one."""
+    root = tmp_path / "llmfleet"
+    keys = tmp_path / "api-keys"
+    keys.mkdir()
+    rt = store_path(root, "r1-vllm")
+    _keyed_generation(root, A, ["x"], rt, keys)  # x exposed
+    _keyed_generation(root, B, [], rt, keys)  # x un-exposed
+    for n in ("x", "stray"):
+        (keys / f"{n}.env").write_text("VLLM_API_KEY=k\n")
+    time.sleep(0.05)
+    switch(host=root, gid=A)
+    switch(host=root, gid=B)
+    gen.run(params(root, "gc", keep=2, api_key_dir=str(keys)), check=False)
+    assert (keys / "x.env").exists(), "A is kept and needs x's key"
+    assert not (keys / "stray.env").exists(), "no kept generation names it"
+    time.sleep(0.05)
+    switch(host=root, gid=B)
+    out = gen.run(params(root, "gc", keep=1, api_key_dir=str(keys)), check=False)
+    assert not (keys / "x.env").exists() and out["removed_api_key_files"] == [str(keys / "x.env")]
+
+
+def test_a_failed_verdict_is_readable_by_root_only(host: Path) -> None:
+    gen.run(params(host, "mark", generation=A, verdict="failed", reason="x", detail={"journal": "Traceback ... prompt text"}), False)
+    assert (host / "generations" / A / "failed.json").stat().st_mode & 0o777 == 0o600
+    gen.run(params(host, "mark", generation=B, verdict="verified", detail={"ok": True}), False)
+    assert (host / "generations" / B / "verified.json").stat().st_mode & 0o077 == 0o044
+
+
+def test_an_old_world_readable_failed_verdict_is_made_root_only(host: Path) -> None:
+    doc = {"schema": 1, "verdict": "failed", "reason": "x", "detail": None}
+    path = host / "generations" / A / "failed.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    path.chmod(0o644)
+    gen.run(params(host, "mark", generation=A, verdict="failed", reason="x"), False)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_switch_refuses_a_generation_whose_store_path_changed(host: Path) -> None:
+    marker = host / "store" / "r1-vllm" / ".llmfleet-complete"
+    (host / "store" / "r1-vllm").chmod(0o755)
+    marker.write_text("another runtime")
+    with pytest.raises(gen.GenerationError, match=r"store path .*r1-vllm.* is not the one generation .* was sealed with"):
+        switch(host, A)
+    marker.unlink()
+    with pytest.raises(gen.GenerationError, match=r"store path .*r1-vllm.* is not complete"):
+        switch(host, A)
+    assert not (host / "current").exists()
+
+
+def test_switch_refuses_a_generation_whose_files_changed(host: Path) -> None:
+    (host / "generations" / A / "instances" / "tiny" / "env").write_text("A='2'\n")
+    with pytest.raises(gen.GenerationError, match=r"instances/tiny/env .*differs from its manifest"):
+        switch(host, A)
