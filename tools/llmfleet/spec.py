@@ -16,7 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
+#: an instance runs as its own (systemd dynamic) user llmfleet-<name>; a user name has at most 31 characters
+SERVICE_USER_PREFIX = "llmfleet-"
+MAX_INSTANCE_NAME = 31 - len(SERVICE_USER_PREFIX)
+NAME_RE = rf"^[a-z][a-z0-9-]{{0,{MAX_INSTANCE_NAME - 1}}}$"
 SPEC_PREFIX = "llmfleet_"
 #: llmfleet_root lives below this (systemd's StateDirectory= is relative to /var/lib, which only root may write)
 ROOT_PARENT = "/var/lib/"
@@ -96,6 +99,8 @@ class HardwareProfile(_Model):
     driver: dict[str, DriverPin] = Field(default_factory=dict)
     cpu_binds: list[str] | None = None
     nccl_p2p_disable: bool = False
+    #: GPUs partitioned with MIG: an instance also needs the capability nodes /dev/nvidia-caps/*
+    mig: bool = False
 
     @field_validator("driver")
     @classmethod
@@ -148,7 +153,7 @@ class Load(_Model):
 class Instance(_Model):
     """One vLLM server: a model on a set of devices with a parallel layout."""
 
-    name: Annotated[str, Field(pattern=NAME_RE)]
+    name: str
     model: str
     gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
@@ -160,6 +165,16 @@ class Instance(_Model):
     engine_args: dict[str, EngineValue] = Field(default_factory=dict)
     targets: Targets = Field(default_factory=Targets)
     load: Load = Field(default_factory=Load)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(NAME_RE, v):
+            raise ValueError(
+                f"must be [a-z][a-z0-9-]*, at most {MAX_INSTANCE_NAME} characters (the instance runs as its own user"
+                f" {SERVICE_USER_PREFIX}<name>, and a user name has at most 31)"
+            )
+        return v
 
 
 class HostSpec(_Model):

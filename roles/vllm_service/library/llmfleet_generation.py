@@ -20,7 +20,8 @@ options:
   action:
     description:
       - C(seal) writes the generation's manifest (last step of rendering it).
-      - C(switch) points C(current) at I(generation) and records the switch in the history.
+      - C(switch) points C(current) at I(generation) and records the switch in the history. It first checks the
+        generation is still what its manifest sealed (every file's sha256, each store path's completion marker).
       - C(status) reports current, previous, the history and the generations on disk; with I(to) it also
         resolves a rollback target.
       - C(mark) records a verdict in the generation (I(failed) or I(verified)).
@@ -77,6 +78,11 @@ options:
     default: 3
   store_dir:
     description: C(gc) only. Store directory to collect; defaults to C(<root>/store).
+    type: path
+  api_key_dir:
+    description:
+      - C(gc) only. API key files (C(*.env)) that no kept generation's plan names are removed from it; defaults to the
+        current generation's C(service.api_key_dir).
     type: path
 """
 
@@ -140,6 +146,10 @@ in_progress_generations:
   description: Generations C(gc) kept because they were rendered after the last switch (a rollout in progress).
   returned: when action is gc
   type: list
+removed_api_key_files:
+  description: API key files removed (or that would be) by C(gc) because no kept generation names them.
+  returned: when action is gc
+  type: list
 """
 
 import contextlib  # noqa: E402
@@ -159,6 +169,8 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 MANIFEST = "manifest.json"
 HISTORY = "history.json"
 VERDICT_FILES = ("verified.json", "failed.json")
+#: failed.json keeps the failure (journal lines of the crash, which may quote requests): root only
+VERDICT_MODES = {"verified": 0o644, "failed": 0o600}
 NOT_SEALED = (MANIFEST, *VERDICT_FILES)
 MARKER = ".llmfleet-complete"
 PARTIAL = ".partial"  # a store path being built (<path>.partial, renamed when complete)
@@ -195,11 +207,12 @@ def read_json(path: str, default: Any = None) -> Any:
 
 
 def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
-    """Write doc to path by rename; False when the file already holds exactly this content."""
+    """Write doc to path by rename, with ``mode`` set on the open file; False when the file already
+    holds exactly this content with this mode."""
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     try:
         with open(path, encoding="utf-8") as handle:
-            if handle.read() == text:
+            if handle.read() == text and os.fstat(handle.fileno()).st_mode & 0o7777 == mode:
                 return False
     except FileNotFoundError:
         pass
@@ -209,8 +222,8 @@ def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -405,6 +418,29 @@ def seal(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {"changed": write_json_atomic(path, manifest), "manifest": manifest}
 
 
+def check_sealed(gen_dir: str) -> None:
+    """The generation is still what its manifest sealed: every file, and every store path it uses with
+    the completion marker it had (a store path rebuilt, half removed or replaced is refused)."""
+    manifest = read_json(os.path.join(gen_dir, MANIFEST))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("store_paths"), list):
+        raise GenerationError(f"{gen_dir}/{MANIFEST} is not a manifest (files, store_paths): the generation cannot be switched to")
+    for rel, digest in sorted(manifest["files"].items()):
+        path = os.path.join(gen_dir, rel)
+        if not os.path.isfile(path) or sha256_file(path) != digest:
+            raise GenerationError(
+                f"{path} is missing or differs from its manifest: generation {os.path.basename(gen_dir)} was changed after it was sealed"
+            )
+    for entry in manifest["store_paths"]:
+        path, want = str(entry.get("path")), entry.get("marker_sha256")
+        marker = os.path.join(path, MARKER)
+        if not os.path.isdir(path) or os.path.islink(path) or not os.path.isfile(marker):
+            raise GenerationError(f"store path {path} is not complete (no {MARKER}): generation {os.path.basename(gen_dir)} needs it")
+        if sha256_file(marker) != want:
+            raise GenerationError(
+                f"store path {path} is not the one generation {os.path.basename(gen_dir)} was sealed with (its {MARKER} changed)"
+            )
+
+
 def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     generation = params["generation"]
     gen_dir = root.gen_dir(generation)
@@ -415,6 +451,8 @@ def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         if check:
             return {"changed": True, "previous": before, "number": None}
         raise GenerationError(f"generation {generation} is not complete (no {gen_dir}/{MANIFEST}): it cannot be switched to")
+    if not check:
+        check_sealed(gen_dir)
     history = root.history()
     number = max([int(e.get("n", 0)) for e in history] + [0]) + 1
     if check:
@@ -452,9 +490,10 @@ def mark(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     doc = {"schema": SCHEMA, "verdict": verdict, "reason": params.get("reason"), "detail": params.get("detail")}
     path = os.path.join(gen_dir, f"{verdict}.json")
     other = os.path.join(gen_dir, "verified.json" if verdict == "failed" else "failed.json")
-    changed = read_json(path) != doc or os.path.exists(other)
+    mode = VERDICT_MODES[verdict]
+    changed = read_json(path) != doc or os.path.exists(other) or os.stat(path).st_mode & 0o7777 != mode
     if changed and not check:
-        write_json_atomic(path, doc)
+        write_json_atomic(path, doc, mode)
         if os.path.exists(other):  # a generation that passed after a failure (or the reverse) has one verdict
             os.unlink(other)
     return {"changed": changed}
@@ -517,18 +556,42 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         and os.path.realpath(os.path.join(store_dir, name)) not in referenced
         and not newer_than_current(os.path.join(store_dir, name))
     ]
+    removed_keys = _unneeded_keys(root, params.get("api_key_dir"), current, kept + in_progress)
     if not check:
         for gid in removed_generations:
             _remove(os.path.join(root.generations, gid))
         for path in removed_store:
             _remove(path)
+        for path in removed_keys:
+            os.unlink(path)
     return {
-        "changed": bool(removed_generations or removed_store),
+        "changed": bool(removed_generations or removed_store or removed_keys),
         "kept_generations": kept,
         "in_progress_generations": in_progress,
         "removed_generations": removed_generations,
         "removed_store_paths": removed_store,
+        "removed_api_key_files": removed_keys,
     }
+
+
+def _unneeded_keys(root: Root, key_dir: str | None, current: str | None, kept: list[str]) -> list[str]:
+    """API key files (``<key_dir>/*.env``) that no kept generation's plan names: a key goes with the
+    last generation that uses it, so a rollback to any kept generation finds its keys."""
+    plans = [read_json(os.path.join(root.gen_dir(gid), "plan.json")) for gid in kept]
+    if not key_dir:  # the key directory of the current generation's plan
+        current_plan = plans[kept.index(current)] if current in kept else None
+        key_dir = ((current_plan or {}).get("service") or {}).get("api_key_dir") if isinstance(current_plan, dict) else None
+    if not key_dir or not os.path.isdir(key_dir):
+        return []
+    needed = set()
+    for plan in plans:
+        if not isinstance(plan, dict):
+            continue  # a generation still being rendered names none yet; its keys were just written
+        for inst in plan.get("instances") or []:
+            if isinstance(inst, dict) and inst.get("api_key_file"):
+                needed.add(os.path.realpath(str(inst["api_key_file"])))
+    files = [os.path.join(key_dir, name) for name in os.listdir(key_dir) if name.endswith(".env")]
+    return sorted(f for f in files if os.path.isfile(f) and os.path.realpath(f) not in needed)
 
 
 def _remove(path: str) -> None:
@@ -581,6 +644,7 @@ def main() -> None:
             "to": {"type": "str"},
             "keep": {"type": "int", "default": 3},
             "store_dir": {"type": "path"},
+            "api_key_dir": {"type": "path"},
         },
         supports_check_mode=True,
     )

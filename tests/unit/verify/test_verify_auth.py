@@ -22,7 +22,7 @@ def test_a_server_that_answers_without_the_key_fails_the_run(run_cli: RunCli, mo
     with serve(Behaviour(api_key=None)) as (url, _):
         r = run_cli("--url", url, "--api-key-env", "LLMFLEET_TEST_KEY", "--json", "--no-ladder", "--requests", "4")
     check = _check(r.out, "api_key_required")
-    assert check["verdict"] == "fail" and "without the API key" in str(check["note"]), check
+    assert check["verdict"] == "fail" and "without the API key" in str(check["detail"]), check
     assert r.code == 2, r.out + r.err
 
 

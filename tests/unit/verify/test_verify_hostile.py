@@ -3,8 +3,8 @@
 A server that trickles a byte just inside the idle timeout, one that streams events forever and
 one that answers every request with a 64 MiB error body are each run against the real CLI in a
 subprocess; the run must end within its deadline (the test gives it a wall-clock limit well above
-the deadline and fails if it has to kill it) and the verify process's peak RSS (its own
-``ru_maxrss``, printed) must stay far below what the hostile server tried to make it hold.
+the deadline and fails if it has to kill it) and the verify process's peak RSS (its own VmHWM,
+printed) must stay far below what the hostile server tried to make it hold.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import pytest
 from fake_vllm import Behaviour, serve
 
 TOOLS = Path(__file__).resolve().parents[3] / "tools"
-#: verify's own peak RSS, printed by the child as it exits
+#: verify's own peak RSS (VmHWM of its own memory: ru_maxrss would keep the pytest parent's across
+#: the spawn's exec), printed by the child as it exits
 CHILD = (
-    "import resource, sys\n"
+    "import re, sys\n"
     f"sys.path.insert(0, {str(TOOLS)!r})\n"
     "from llmfleet.verify.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print(f'peak-rss-kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+    "print(f'peak-rss-kib {hwm}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 #: peak RSS of a verify run against a hostile server; a run against a good one is about 40-60 MiB

@@ -73,6 +73,8 @@ LOAD_SEEDS = (100_000_000, 1_000_000_000)
 #: prompt tokens served from the prefix cache over the load, as a share of all: above this TTFT is flattered
 PREFIX_HIT_WARN = 0.01
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+#: a health probe's whole-request deadline comes this long after its phase limits
+PROBE_TOTAL_MARGIN_S = 0.25
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 
@@ -482,9 +484,12 @@ class _Run:
         delay = 0.2
         while True:
             # each probe's limits are capped by the time left (at least 0.5 s: a zero wait still probes once),
-            # the whole probe too: a body that trickles inside the idle timeout must not outlive the wait
+            # the whole probe too (a moment later, so a silent server is named by its phase): a body that
+            # trickles inside the idle timeout must not outlive the wait
             remaining = max(deadline - loop.time(), 0.5)
-            probe = Timeouts(min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining), remaining)
+            probe = Timeouts(
+                min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining), remaining + PROBE_TOTAL_MARGIN_S
+            )
             conn = self._connection(probe)
             try:
                 resp = await conn.request("GET", "/health")
@@ -575,6 +580,24 @@ class _Run:
             return
         self.check(Check("model_revision", served, f"= {want}", Verdict.FAIL, "", "another model directory than the plan's"))
         raise VerifyError(f"wrong model revision: server serves {served}, the plan's ({rev}store path) is {want}")
+
+    async def check_key_required(self) -> None:
+        """With a key to send, the instance is one that requires it: a request without it must be refused
+        (an exposed instance that came back without its key answers everyone)."""
+        if "Authorization" not in self.headers:
+            return
+        conn = Connection(self.endpoint, self.config.timeouts)  # no Authorization header
+        try:
+            resp = await conn.request("GET", "/v1/models")
+        except HttpError as exc:
+            raise VerifyError(f"GET /v1/models without the API key: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status in (401, 403):
+            self.check(Check("api_key_required", resp.status, "401 or 403", Verdict.PASS, "", "a request without the key is refused"))
+        else:
+            why = f"answered GET /v1/models without the API key (HTTP {resp.status}): the instance does not require its key"
+            self.check(Check("api_key_required", resp.status, "401 or 403", Verdict.FAIL, "", why))
 
     # -- 3. metrics -----------------------------------------------------------------------------
 
@@ -1090,6 +1113,7 @@ async def run(config: VerifyConfig, progress: Progress | None = None) -> Outcome
     try:
         await r.wait_ready()
         mml = await r.check_models()
+        await r.check_key_required()
         r.check_kv_cache(await r.scrape())
         await r.context_probe(mml)
         await r.context_ladder(mml)
