@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
+from fake_release import write_tree, write_wheel
 from llmfleet.options_scan import load_scan, main, scan_options
 from llmfleet.pins import load_lock
 from llmfleet.rules_scan import ScanError
@@ -221,11 +220,11 @@ EXPECTED = {
 
 
 def make_tree(root: Path) -> Path:
-    for name, text in FILES.items():
-        p = root / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(textwrap.dedent(text))
-    return root
+    return write_tree(root, FILES)
+
+
+def make_wheel(root: Path) -> Path:
+    return write_wheel(root, FILES)
 
 
 def test_scan_follows_the_entry_point_to_every_option_with_its_type(tmp_path: Path) -> None:
@@ -236,10 +235,7 @@ def test_scan_follows_the_entry_point_to_every_option_with_its_type(tmp_path: Pa
 
 
 def test_wheel_scan_hashes_the_wheel_and_the_cli_pins_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    wheel = tmp_path / "vllm-0.99.1-cp38-abi3-manylinux_2_31_x86_64.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for name, text in FILES.items():
-            z.writestr(name, textwrap.dedent(text))
+    wheel = make_wheel(tmp_path)
     assert main([str(wheel)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["source_sha256"]) == 64 and out["options"]["seed"] == {"type": "int"}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .pins import EngineOption
-from .rules_scan import Release, ScanError
+from .rules_scan import Release, ScanError, resolve_relative
 
 #: the module the plan's argv runs (``plan.API_SERVER_MODULE``)
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -103,19 +102,10 @@ class _Mod:
     star: list[str]  # modules of `from X import *`
 
 
-def _relative(current: str, is_package: bool, level: int, module: str | None) -> str:
-    parts = current.split(".")
-    if not is_package:
-        parts = parts[:-1]
-    if level > 1:
-        parts = parts[: len(parts) - (level - 1)]
-    return ".".join(parts + ([module] if module else []))
-
-
 def _imports_of(node: ast.stmt, current: str, is_package: bool) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     if isinstance(node, ast.ImportFrom):
-        target = _relative(current, is_package, node.level, node.module) if node.level else (node.module or "")
+        target = resolve_relative(current, is_package, node.level, node.module) if node.level else (node.module or "")
         for a in node.names:
             out[a.asname or a.name] = (target, a.name)
     elif isinstance(node, ast.Import):
@@ -899,14 +889,6 @@ def _option(spec: dict[str, Any], inverses: dict[str, str]) -> tuple[str, Engine
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def scan_options(path: str | Path, entry: str = ENTRY_MODULE) -> OptionsScan:
     """The option list of ``entry``'s parser in a vLLM wheel or source tree."""
     release = Release(Path(path))
@@ -929,8 +911,7 @@ def scan_options(path: str | Path, entry: str = ENTRY_MODULE) -> OptionsScan:
     parsers = scanner.parsers
     if not parsers or not parsers[0].options:
         raise ScanError(f"{path}: found no add_argument calls behind {entry}'s parser")
-    digest = _sha256(Path(path)) if Path(path).is_file() else None
-    result = OptionsScan(engine_version=release.version(), source=Path(path).name, source_sha256=digest, entry=entry)
+    result = OptionsScan(engine_version=release.version(), source=Path(path).name, source_sha256=release.sha256(), entry=entry)
     for spec in parsers[0].options.values():
         opt = _option(spec, parsers[0].inverses)
         if opt is not None and opt[0] not in result.options and opt[0] != "help":
