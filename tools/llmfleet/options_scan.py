@@ -936,6 +936,18 @@ def source_line(scan: OptionsScan) -> str:
     return f"llmfleet.options_scan of {scan.source}{digest}: the parser of python -m {scan.entry}"
 
 
+def scan_wheelhouse(wheelhouse: Path, distribution: str, version: str) -> OptionsScan | None:
+    """The scan of a runtime's own engine wheel in its wheelhouse (``tools/pin.py runtime`` downloads
+    it), or None when the wheelhouse does not hold it."""
+    wheels = sorted(wheelhouse.glob(f"{distribution.replace('-', '_')}-{version}-*.whl"))
+    return scan_options(wheels[0]) if wheels else None
+
+
+def recorded(scan: OptionsScan) -> dict[str, Any]:
+    """The lock fields of a runtime pin that record a scan."""
+    return {"engine_options": dict(sorted(scan.options.items())), "engine_options_source": source_line(scan)}
+
+
 def pin(scan: OptionsScan, key: str, lock_file: str | Path | None = None) -> bool:
     """Record the scan in the lock as runtime ``key``'s option list; False when it already holds it."""
     from .artifacts.lockfile import lock_path, read_lock, with_runtime, write_lock
@@ -947,7 +959,7 @@ def pin(scan: OptionsScan, key: str, lock_file: str | Path | None = None) -> boo
         raise ScanError(f"runtime {key} is not in {path} (known: {', '.join(sorted(lock.runtimes)) or 'none'})")
     if scan.engine_version and scan.engine_version != runtime.vllm_version:
         raise ScanError(f"{scan.source} is vLLM {scan.engine_version}, runtime {key} pins vLLM {runtime.vllm_version}")
-    updated = runtime.model_copy(update={"engine_options": dict(sorted(scan.options.items())), "engine_options_source": source_line(scan)})
+    updated = runtime.model_copy(update=recorded(scan))
     return write_lock(path, with_runtime(lock, key, updated))
 
 
