@@ -148,18 +148,18 @@ def test_an_unkeyed_launch_drops_a_key_it_may_have_been_given(tmp_path: Path) ->
 
 
 def test_limits_of_a_single_rank_loopback_instance() -> None:
-    """vLLM >= 0.32 starts one rank with a file rendezvous: it binds nothing but its API port and
-    talks to nothing but its clients on loopback."""
+    """vLLM >= 0.32 starts one rank with a file rendezvous: it talks to nothing but its clients on
+    loopback. (No bind allow-list: gloo binds an ephemeral listener in every rank.)"""
     d = drop_in(plans("lab")["lab1"], "tiny")
     assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"]
-    assert d["SocketBindAllow"] == ["tcp:8000"] and d["SocketBindDeny"] == ["any"]
+    assert "SocketBindDeny" not in d
     assert int(d["TasksMax"][0]) > 0
     assert int(d["MemoryMax"][0]) >= 2 << 30
 
 
 def test_limits_of_a_multi_rank_exposed_instance() -> None:
-    """Ranks meet over TCP on ephemeral ports (gloo, the TCP store): no SocketBind or IP allow-list;
-    an exposed API takes clients from anywhere: no IPAddressDeny."""
+    """Ranks meet over TCP on the host's address (gloo, the TCP store): no IP allow-list; an exposed
+    API takes clients from anywhere: no IPAddressDeny either."""
     d = drop_in(plans("lab")["lab2"], "tiny-tp2")
     for key in ("IPAddressDeny", "IPAddressAllow", "SocketBindAllow", "SocketBindDeny"):
         assert key not in d, key

@@ -43,8 +43,11 @@ TASKS_MAX = 4096
 #: compile at warm-up): 2.5-2.9 GB measured for a whole single-rank instance with 1 GiB of KV
 RANK_MEMORY_ALLOWANCE = 3 << 30
 #: from this vLLM version a single rank meets itself through a file store (uniproc_executor.py,
-#: get_file_store_init_method); 0.19 still opened a TCP store on the host's address and an
-#: ephemeral port, which an address allow-list or a bind allow-list would stop
+#: get_file_store_init_method); 0.19 still opened a TCP store on the host's address, which an
+#: address allow-list of localhost would stop. (No SocketBindAllow=: every rank, even a single one,
+#: has torch's gloo group bind an ephemeral TCP listener, a bind of port 0; systemd matches the
+#: requested port, and the systemd of Debian 12 (252) takes no rule for port 0, so a bind allow-list
+#: would stop vLLM there.)
 FILE_RENDEZVOUS_FROM = (0, 32)
 
 
@@ -437,12 +440,10 @@ def _sandbox(inst: Instance, hw: HardwareProfile, runtime_pin: RuntimePin, bind:
         # host memory of a GPU instance (weight loading, pinned buffers) is not modelled: no MemoryMax there
         weights = int(((capacity or {}).get("weights") or {}).get("max_bytes_per_gpu") or 0)
         sandbox["memory_max"] = ranks * (weights + inst.kv_cache_memory_bytes + RANK_MEMORY_ALLOWANCE)
-    if ranks == 1 and rules.version_tuple(runtime_pin.vllm_version)[:2] >= FILE_RENDEZVOUS_FROM:
-        # one rank binds nothing but its API port (ranks > 1 meet over TCP on ephemeral ports: gloo, NCCL)
-        sandbox["socket_bind_allow"] = [f"tcp:{inst.port}"]
-        if is_loopback(bind):
-            # and talks to no one but its clients on loopback (an exposed API takes clients from anywhere)
-            sandbox["ip_address_allow"] = ["localhost"]
+    if ranks == 1 and is_loopback(bind) and rules.version_tuple(runtime_pin.vllm_version)[:2] >= FILE_RENDEZVOUS_FROM:
+        # one rank talks to no one but its clients on loopback (ranks > 1 meet over TCP, gloo and NCCL
+        # on the host's own address; an exposed API takes clients from anywhere)
+        sandbox["ip_address_allow"] = ["localhost"]
     return sandbox
 
 

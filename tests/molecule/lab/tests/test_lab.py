@@ -214,7 +214,7 @@ def test_limits_where_vllm_tolerates_them(host: Any, plan: dict[str, Any]) -> No
     """The drop-in's limits are in force and vLLM runs inside them (memory and tasks measured here)."""
     for inst in plan["instances"]:
         sandbox = inst["sandbox"]
-        p = _props(host, inst["unit"], "MemoryMax", "MemoryCurrent", "TasksMax", "TasksCurrent", "IPAddressDeny", "SocketBindDeny")
+        p = _props(host, inst["unit"], "MemoryMax", "MemoryCurrent", "TasksMax", "TasksCurrent", "IPAddressDeny")
         assert int(p["TasksMax"]) == sandbox["tasks_max"] and int(p["TasksCurrent"]) < sandbox["tasks_max"]
         assert int(p["MemoryMax"]) == sandbox["memory_max"] and int(p["MemoryCurrent"]) < sandbox["memory_max"]
         cgroup = host.check_output(f"systemctl show -p ControlGroup --value {inst['unit']}")
@@ -222,7 +222,7 @@ def test_limits_where_vllm_tolerates_them(host: Any, plan: dict[str, Any]) -> No
         print(
             f"{host.backend.get_hostname()} {inst['unit']}: memory {int(p['MemoryCurrent']) >> 20} MiB now, peak"
             f" {int(peak) >> 20 if peak else '?'} MiB, MemoryMax {sandbox['memory_max'] >> 20} MiB; tasks {p['TasksCurrent']}"
-            f" of {p['TasksMax']}; IPAddressDeny={p['IPAddressDeny'] or '-'} SocketBindDeny={p['SocketBindDeny'] or '-'}"
+            f" of {p['TasksMax']}; IPAddressDeny={p['IPAddressDeny'] or '-'}"
         )
         assert ("ip_address_allow" in sandbox) == bool(p["IPAddressDeny"])
 
