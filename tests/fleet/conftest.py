@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 from llmfleet.artifacts.cache import manifest, revision
+from testhub import TestHub
+from testhub.checkpoints import folder
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -169,7 +171,12 @@ while True:
 
 
 class Downtime:
-    """Polls a host's /health every 20 ms from inside its network namespace; the longest time it was not 200."""
+    """Polls a host's /health every 20 ms from inside its network namespace; the longest time it was not 200.
+
+    ``restarted`` (after :meth:`stop`): the poller saw the instance answer 200, stop answering and
+    answer 200 again. A downtime of 0.0 alone cannot tell a restart that was never made from one
+    too quick to see; a restart of vLLM takes seconds, so a real one is always seen.
+    """
 
     def __init__(self, host: str, port: int = 8000) -> None:
         self.proc = subprocess.Popen(
@@ -177,6 +184,7 @@ class Downtime:
             stdout=subprocess.PIPE, text=True,
         )
         self.events: list[tuple[float, bool]] = []
+        self.restarted = False
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         deadline = time.monotonic() + 10
@@ -202,6 +210,8 @@ class Downtime:
                 longest, down_since = max(longest, t - down_since), None
         if down_since is not None:
             longest = max(longest, end - down_since)
+        states = [ok for _, ok in self.events]
+        self.restarted = bool(states) and states[0] and states[-1] and False in states
         return round(longest, 2)
 
 
@@ -240,6 +250,28 @@ def variant(base: Path, name: str, change: Callable[[Path], None]) -> Variant:
     lock = base / name / "lock.json"
     lock.write_text(json.dumps(doc, indent=2, sort_keys=True))
     return Variant(lock, models, {f.path: model_dir / f.path for f in files})
+
+
+#: the repo the test hub serves the tiny model's new revisions under
+HUB_REPO = "llmfleet-lab/tiny-llama"
+
+
+def hub_variant(hub: TestHub, base: Path, name: str, change: Callable[[Path], None]) -> Variant:
+    """A new revision of the tiny model published on the test hub, pinned and fetched with tools/pin.py
+    (``model add`` into a copy of the lock, ``fetch`` into a cache of its own), as an operator would."""
+    src = base / name / "published"
+    shutil.copytree(CACHE / "models" / MODEL, src)
+    change(src)
+    hub.publish(HUB_REPO, folder(src))
+    lock, cache = base / name / "lock.json", base / name / "cache"
+    shutil.copy(REPO / "pins" / "lock.json", lock)
+    pin_env = env(LLMFLEET_LOCK=str(lock), LLMFLEET_CACHE=str(cache), HF_ENDPOINT=hub.endpoint, HF_HOME=str(base / name / "hf"))
+    for argv in (["model", "add", MODEL, f"hf://{HUB_REPO}"], ["fetch", "--model", MODEL]):
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "pin.py"), *argv], cwd=REPO, env=pin_env,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"pin.py {' '.join(argv)}: {proc.stdout}{proc.stderr}"
+    model_dir = cache / "models" / MODEL
+    return Variant(lock, cache / "models", {f.path: model_dir / f.path for f in manifest(model_dir)})
 
 
 def edit_json(path: Path, **changes: Any) -> None:
@@ -281,6 +313,13 @@ def fleet() -> Generator[Run, None, None]:
 
 
 @pytest.fixture(scope="session")
+def hub() -> Generator[TestHub, None, None]:
+    """The project's test hub on loopback: new model revisions are published here and pinned from it."""
+    with TestHub() as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fleet")
 
@@ -302,3 +341,47 @@ def assert_serving(hosts: Sequence[str], generation: dict[str, str] | str) -> No
         want = generation if isinstance(generation, str) else generation[host]
         assert current(host) == want, f"{host} runs {current(host)}, expected {want}"
         assert health(host) == 200, f"{host} does not answer /health with 200"
+
+
+@dataclass(frozen=True)
+class Served:
+    """The process systemd runs for an instance: what a switch or a rollback has to replace."""
+
+    pid: int
+    #: when systemd started it, CLOCK_MONOTONIC seconds: the lab hosts are containers on the control
+    #: node's kernel, so this compares with ``time.monotonic()`` taken here
+    started: float
+    #: systemd's NRestarts: starts it made on its own (``Restart=always`` after an exit) since the
+    #: unit was last reset (``systemctl reset-failed``, which a switch and a rollback run first)
+    restarts: int
+    argv: list[str]
+
+
+def served_process(host: str, instance: str = "tiny") -> Served:
+    unit = f"llmfleet-vllm@{instance}.service"
+    props = dict(
+        line.split("=", 1)
+        for line in ssh(host, f"systemctl show -p MainPID -p ExecMainStartTimestampMonotonic -p NRestarts -- {unit}").splitlines()
+        if "=" in line
+    )
+    pid = int(props["MainPID"])
+    assert pid > 0, f"{unit} on {host} has no main process: {props}"
+    argv = ssh(host, f"cat /proc/{pid}/cmdline").split("\0")
+    if argv[-1:] == [""]:
+        argv.pop()
+    return Served(pid, int(props["ExecMainStartTimestampMonotonic"]) / 1e6, int(props["NRestarts"]), argv)
+
+
+def assert_restarted_into(host: str, plan: dict[str, Any], before: Served, began: float, watch: Downtime) -> Served:
+    """What the host serves now is the plan's generation, from a process started after ``began``
+    (not ``before``, the one that served when the run began), and the poller saw it go and come back."""
+    inst = plan["instances"][0]
+    after = served_process(host, inst["name"])
+    gen = plan["generation"]
+    assert after.argv == inst["argv"], f"{host}'s {inst['unit']} runs {after.argv}, not generation {gen}'s argv {inst['argv']}"
+    want_root = plan["models"][inst["model"]]["store_path"]
+    assert served_root(host) == want_root, f"{host} serves {served_root(host)}, not generation {gen}'s model {want_root}"
+    assert after.pid != before.pid, f"{host} still runs process {before.pid}, which served before the run"
+    assert after.started > began, f"{host}'s process {after.pid} started {began - after.started:.1f} s before the run began"
+    assert watch.restarted, f"the /health poller of {host} never saw the instance go down and come back: {watch.events}"
+    return after

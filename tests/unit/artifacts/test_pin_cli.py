@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from llmfleet.artifacts.cli import main
 from llmfleet.artifacts.lockfile import read_lock, render, with_model, with_runtime, write_lock
-from llmfleet.capacity import model_catalog
 from llmfleet.pins import ArchFacts, FilePin, ModelPin, Requirement, RuntimePin
 
 FACTS = ArchFacts(
@@ -24,14 +23,6 @@ FACTS = ArchFacts(
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("LLMFLEET_CACHE", str(root))
-    monkeypatch.delenv("LLMFLEET_LOCK", raising=False)
-    return root
 
 
 @pytest.fixture
@@ -135,17 +126,19 @@ def test_a_new_runtime_needs_its_inputs(lock: Path, capsys: pytest.CaptureFixtur
     assert "give --distribution, --python, --device, --platform" in capsys.readouterr().err
 
 
-def test_a_production_model_is_recorded_unresolved_with_the_catalog_facts(lock: Path) -> None:
-    assert main(["--lock", str(lock), "model", "nemotron-3-nano-30b-a3b-nvfp4"]) == 0
-    pin = read_lock(lock).models["nemotron-3-nano-30b-a3b-nvfp4"]
-    entry = model_catalog()["nemotron-3-nano-30b-a3b-nvfp4"]
-    assert (pin.status, pin.revision, pin.files, pin.source) == ("unresolved", None, None, entry["source"])
-    assert pin.architecture == ArchFacts.model_validate(entry["architecture"])
-    assert pin.quantization == entry["quantization"]
+def test_a_source_of_no_known_kind_is_a_one_line_error(lock: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--lock", str(lock), "model", "add", "x", "s3://bucket/model"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected hf://ORG/REPO (a hub) or build:tiny-llama" in err
+    assert main(["--lock", str(lock), "model", "add", "x", "hf://not a repo"]) == 1
+    assert "is not ORG/REPO" in capsys.readouterr().err
+    assert main(["--lock", str(lock), "model", "add", "x", "hf://org/repo", "--param", "a=1"]) == 1
+    assert "--param is for build: sources" in capsys.readouterr().err
+    assert "x" not in read_lock(lock).models
 
 
 def test_bad_builder_parameters_are_one_line_errors(lock: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--lock", str(lock), "model", "tiny-x", "--param", "num_key_value_heads=3"]) == 1
+    assert main(["--lock", str(lock), "model", "add", "tiny-x", "build:tiny-llama", "--param", "num_key_value_heads=3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: model tiny-x: builder") and err.count("\n") == 1
     assert "tiny-x" not in read_lock(lock).models

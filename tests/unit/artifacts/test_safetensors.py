@@ -117,7 +117,7 @@ def _file(tmp_path: Path, header: dict, data: bytes) -> Path:
     [
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "data section"),
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "does not hold shape"),
-        ({"x": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "not supported"),
+        ({"x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "not supported"),
         (
             {"x": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}, "y": {"dtype": "F16", "shape": [2], "data_offsets": [2, 6]}},
             b"\0" * 6,

@@ -13,6 +13,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from importlib.metadata import version as dist_version
@@ -23,9 +25,11 @@ from pydantic import ValidationError
 
 from .. import options_scan
 from ..cli.common import ExitCode, run
+from ..cuda import cuda_build
 from ..errors import LlmfleetError
 from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
 from .cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
+from .hub import SCHEME
 from .lockfile import lock_path, read_lock, with_model, with_runtime, write_lock
 from .wheelhouse import RuntimeInputs, Target, check_wheelhouse, fill_wheelhouse, resolve_by_download, resolve_by_index
 
@@ -76,6 +80,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         "device": args.device,
         "platform": args.platform,
         "excluded": args.exclude,
+        "constraints": args.constraint,
         "system_packages": args.system_package,
         "notes": args.notes,
     }
@@ -89,7 +94,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     fields.setdefault("metadata_shim", fields["distribution"] != "vllm")  # a pinned choice is kept
     fields["excluded"] = sorted(set(fields.get("excluded") or []))
     fields["system_packages"] = sorted(set(fields.get("system_packages") or []))
-    inputs = RuntimeInputs(fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"])
+    fields["constraints"] = sorted(set(fields.get("constraints") or []))
+    inputs = RuntimeInputs(
+        fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"], fields["constraints"]
+    )
     mode = args.mode or ("index" if fields["device"] == "cuda" else "download")
     if mode == "download":
         reqs = resolve_by_download(inputs, wheelhouse_dir(args.key), find_links=args.find_links, pip=args.pip_python, log=say)
@@ -107,6 +115,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
             pin = RuntimePin.model_validate(fields | {"status": "unresolved", "reason": str(exc).splitlines()[0], "requirements": None})
             write_lock(path, with_runtime(lock, args.key, pin))
             raise LlmfleetError(f"runtime {args.key} recorded as unresolved: {exc}") from exc
+    cuda = cuda_build(reqs) if fields["device"] == "cuda" else None
+    if fields["device"] == "cuda" and cuda is None:
+        say(f"warning: runtime {args.key}: no CUDA release of catalog/cuda.yml matches its wheels; the driver rule cannot check it")
+    fields["cuda"] = cuda.model_dump() if cuda else None
     pin = RuntimePin.model_validate(fields | {"status": "resolved", "reason": None, "requirements": [r.model_dump() for r in reqs]})
     changed = write_lock(path, with_runtime(lock, args.key, pin))
     total = sum(r.size or 0 for r in reqs)
@@ -171,47 +183,97 @@ def _build_into_cache(key: str, spec: TinyLlamaSpec, expected: ModelPin | None) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-NO_HUB = "unresolved: no model hub is reachable from the control node, so revision and file hashes are not pinned"
-
-
-def _catalog_pin(key: str) -> ModelPin | None:
-    """An unresolved pin carrying a production model's facts from ``catalog/models.yml``, if listed."""
-    from ..capacity import model_catalog
-
-    entry = model_catalog().get(key)
-    if entry is None:
-        return None
-    fields = {k: entry[k] for k in ("source", "quantization", "facts_source", "uncertain", "architecture")}
-    return ModelPin.model_validate(fields | {"status": "unresolved", "reason": NO_HUB, "revision": None, "files": None})
-
-
-def cmd_model(args: argparse.Namespace) -> int:
+def cmd_model_add(args: argparse.Namespace) -> int:
+    """Pin a model: ``build:`` sources are built here, ``hf://`` sources resolved on the hub."""
     path = lock_path(args.lock)
     lock = read_lock(path)
     old = lock.models.get(args.key)
-    catalog = _catalog_pin(args.key) if not (args.source or "").startswith(BUILD_PREFIX) else None
-    if catalog is not None and not args.param:
-        changed = write_lock(path, with_model(lock, args.key, catalog))
-        say(f"model {args.key}: {catalog.source} recorded with its facts from catalog/models.yml ({NO_HUB})")
-        say(f"{path}: {'updated' if changed else 'unchanged'}")
-        return ExitCode.OK
-    source = args.source or (old.source if old else BUILD_PREFIX + "tiny-llama")
-    params = dict(old.builder or {}) if old and old.source == source else {}
-    spec = _spec(args.key, source, params | _parse_params(args.param))
+    if args.source.startswith(BUILD_PREFIX):
+        return _pin_build(args, path, lock, old)
+    if args.source.startswith(SCHEME):
+        if args.param:
+            raise LlmfleetError(f"--param is for {BUILD_PREFIX} sources; {args.source} is pinned as the hub has it")
+        return _pin_hub(args, path, lock, old)
+    raise LlmfleetError(f"source {args.source!r}: expected {SCHEME}ORG/REPO (a hub) or {BUILD_PREFIX}tiny-llama (built here)")
+
+
+def _pin_hub(args: argparse.Namespace, path: Path, lock: Lock, old: ModelPin | None) -> int:
+    from .model_pin import describe, pin_from_hub
+
+    started = time.monotonic()
+    pin, report = pin_from_hub(args.key, args.source, args.revision, args.include, args.exclude, old, log=say)
+    changed = write_lock(path, with_model(lock, args.key, pin))
+    say(
+        f"model {args.key}: {pin.source} revision {args.revision or 'main'} = commit {report.commit}; "
+        f"{report.selected} files, {_mb(report.nbytes)} ({report.hashed_here} small files hashed here, the rest by the hub's LFS sha256); "
+        f"quantization {pin.quantization or 'none'}; {time.monotonic() - started:.1f} s"
+    )
+    for line in describe(report):
+        say(f"  {line}")
+    say(f"{path}: {'updated' if changed else 'unchanged'}")
+    return ExitCode.OK
+
+
+def _pin_build(args: argparse.Namespace, path: Path, lock: Lock, old: ModelPin | None) -> int:
+    params = dict(old.builder or {}) if old and old.source == args.source else {}
+    spec = _spec(args.key, args.source, params | _parse_params(args.param))
     files = _build_into_cache(args.key, spec, None)
     pin = ModelPin(
-        source=source,
+        source=args.source,
         revision=revision(files),
         status="resolved",
         files=files,
         architecture=spec.facts(),
         builder=spec.params(),
-        notes=f"Built by tools/pin.py model ({_toolchain()}); a rebuild is byte-identical with these versions.",
+        notes=f"Built by tools/pin.py model add ({_toolchain()}); a rebuild is byte-identical with these versions.",
     )
     changed = write_lock(path, with_model(lock, args.key, pin))
     say(f"model {args.key}: {len(files)} files, {_mb(sum(f.size for f in files))}, revision {pin.revision}; {model_dir(args.key)}")
     say(f"{path}: {'updated' if changed else 'unchanged'}")
     return ExitCode.OK
+
+
+def _fetch_hub(key: str, model: ModelPin, jobs: int) -> None:
+    """Download a hub pin's files into the cache with a progress bar (bytes, rate) on a terminal."""
+    from huggingface_hub.utils import disable_progress_bars
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .hub import HubSource, Transfer, fetch
+
+    disable_progress_bars()
+    source = HubSource.parse(model.source)
+    files = model.files or []
+    dst = model_dir(key)
+    console = Console(stderr=True)
+    seen: list[Transfer] = []
+    stop = threading.Event()
+    started = time.monotonic()
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"model {key}", total=sum(f.size for f in files))
+
+        def poll() -> None:
+            while not stop.wait(0.2):
+                if seen:
+                    progress.update(task, completed=seen[0].bytes)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            reuse = dst if dst.is_dir() else None
+            transfer = fetch(key, source, model.revision or "", files, dst, jobs=jobs, reuse=reuse, on_start=seen.append)
+        finally:
+            stop.set()
+            poller.join()
+        progress.update(task, completed=transfer.bytes)
+    took = time.monotonic() - started
+    fetched = transfer.total - transfer.resumed
+    say(
+        f"model {key}: {len(files)} files, {_mb(transfer.total)} verified in {dst}: {_mb(fetched)} downloaded in {took:.1f} s"
+        + (f" ({fetched / took / 1e6:.1f} MB/s)" if took > 0 and fetched else "")
+        + (f", {_mb(transfer.resumed)} already here (resumed or reused)" if transfer.resumed else "")
+    )
 
 
 # --- fetch and check -------------------------------------------------------------------------
@@ -279,11 +341,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if dst.is_dir() and not model_problems(key, model):
             say(f"model {key}: present in {dst}")
             continue
+        if model.source.startswith(SCHEME):
+            _fetch_hub(key, model, args.jobs)
+            continue
         _build_into_cache(key, _spec(key, model.source, dict(model.builder or {})), model)
         say(f"model {key}: built and verified in {dst}")
     if explicit and skipped:
         raise LlmfleetError(f"{', '.join(skipped)}: unresolved in the lock, nothing to fetch")
     return ExitCode.OK
+
+
+def _model_check(key: str, pin: ModelPin) -> list[str]:
+    """The cache entry against the pin's files, then (hub pins) the pin's facts against the checkpoint's."""
+    from .model_pin import checkpoint_differences
+
+    problems = model_problems(key, pin)
+    if not problems and pin.source.startswith(SCHEME):
+        problems = checkpoint_differences(key, pin, model_dir(key))
+    return problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -292,7 +367,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     runtimes, models, explicit = _select(lock, args)
     entries: list[tuple[str, bool, Path, Callable[[], list[str]]]] = [
         *((f"runtime {k}", p.resolved, wheelhouse_dir(k), partial(check_wheelhouse, p, wheelhouse_dir(k))) for k, p in runtimes.items()),
-        *((f"model {k}", p.resolved, model_dir(k), partial(model_problems, k, p)) for k, p in models.items()),
+        *((f"model {k}", p.resolved, model_dir(k), partial(_model_check, k, p)) for k, p in models.items()),
     ]
     failed = False
     for name, resolved, where, check in sorted(entries, key=lambda e: e[0]):
@@ -332,6 +407,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["cpu", "cuda"])
     r.add_argument("--platform", help="target platform in uv's spelling, e.g. x86_64-manylinux_2_36")
     r.add_argument("--exclude", action="append", help="a package to leave out of the set (repeatable)")
+    r.add_argument(
+        "--constraint", action="append", help="a version constraint for the resolution, e.g. 'transformers<5.15' (repeatable, kept)"
+    )
     r.add_argument("--system-package", action="append", help="a Debian package the runtime needs on the host (repeatable)")
     r.add_argument("--notes", help="free text kept in the entry")
     mode = r.add_mutually_exclusive_group()
@@ -343,11 +421,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pip-python", help="interpreter whose pip downloads (default: python<ver> or pyenv's <ver>)")
     r.set_defaults(func=cmd_runtime)
 
-    m = sub.add_parser("model", help="build a model (build: sources) and write its lock entry")
-    m.add_argument("key", help="model key, e.g. tiny-llama")
-    m.add_argument("--source", help="build:tiny-llama (default: from the lock entry)")
-    m.add_argument("--param", action="append", default=[], help="builder parameter NAME=VALUE, e.g. num_key_value_heads=1 (repeatable)")
-    m.set_defaults(func=cmd_model)
+    m = sub.add_parser("model", help="pin a model: resolve it on a hub (hf://) or build it here (build:)")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    a = msub.add_parser(
+        "add",
+        help="resolve SOURCE to a commit, pin every file vLLM reads (size, sha256) and the checkpoint's facts",
+        description="hf:// sources use HF_ENDPOINT (default https://huggingface.co) and HF_TOKEN or the hub's token file; "
+        "the token is never written to the lock or printed.",
+    )
+    a.add_argument("key", help="model key in the lock, e.g. gemma-4-31b-it-nvfp4")
+    a.add_argument("source", help="hf://ORG/REPO, or build:tiny-llama")
+    a.add_argument("--revision", help="branch, tag or commit sha (hf:// only; default main)")
+    a.add_argument("--include", action="append", default=[], help="also pin files matching this glob (repeatable)")
+    a.add_argument("--exclude", action="append", default=[], help="leave out files matching this glob (repeatable)")
+    a.add_argument("--param", action="append", default=[], help="builder parameter NAME=VALUE (build: only; repeatable)")
+    a.set_defaults(func=cmd_model_add)
 
     for name, func, text in (
         ("fetch", cmd_fetch, "make the cache hold every resolved artifact of the lock (or the named ones), verified"),
@@ -359,6 +447,7 @@ def parser() -> argparse.ArgumentParser:
         f.add_argument("-i", "--inventory", help="only what the hosts of this inventory use, e.g. inventory/lab")
         if name == "fetch":
             f.add_argument("--find-links", action="append", type=Path, default=[], help="local folder of wheels to copy from first")
+            f.add_argument("--jobs", type=int, default=4, help="files downloaded at once from a hub (default 4)")
         f.set_defaults(func=func)
     return p
 

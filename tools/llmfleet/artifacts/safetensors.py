@@ -26,6 +26,20 @@ DTYPES: dict[str, tuple[str, int]] = {
     "BF16": ("<u2", 2),  # bfloat16 has no numpy dtype: its raw bits are kept as uint16
     "F16": ("<f2", 2),
     "F32": ("<f4", 4),
+    # raw bytes: packed 4-bit values (NVFP4 weights) and fp8 scales are stored as their bit patterns
+    "U8": ("<u1", 1),
+    "F8_E4M3": ("<u1", 1),
+    # read (header checks) but never written here
+    "F8_E5M2": ("<u1", 1),
+    "I8": ("<i1", 1),
+    "BOOL": ("<u1", 1),
+    "I16": ("<i2", 2),
+    "U16": ("<u2", 2),
+    "I32": ("<i4", 4),
+    "U32": ("<u4", 4),
+    "I64": ("<i8", 8),
+    "U64": ("<u8", 8),
+    "F64": ("<f8", 8),
 }
 #: config.json's ``torch_dtype`` name -> safetensors dtype name
 TORCH_DTYPES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -59,12 +73,15 @@ def bfloat16_to_float32(bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
 
 
 def encode(values: npt.NDArray[Any], dtype: str) -> bytes:
-    """The stored bytes of a float array in safetensors dtype ``dtype`` (BF16, F16 or F32)."""
+    """The stored bytes of an array in safetensors dtype ``dtype``: floats for BF16, F16 and F32,
+    bit patterns (0..255) for U8 and F8_E4M3."""
+    if dtype in ("U8", "F8_E4M3"):
+        return np.ascontiguousarray(values).astype("<u1").tobytes()
     if dtype == "BF16":
         return bfloat16_bits(values).astype("<u2").tobytes()
     if dtype in ("F16", "F32"):
         return np.ascontiguousarray(values, dtype=np.float32).astype(DTYPES[dtype][0]).tobytes()
-    raise SafetensorsError(f"dtype {dtype!r} is not supported (valid: {', '.join(DTYPES)})")
+    raise SafetensorsError(f"dtype {dtype!r} cannot be written (valid: BF16, F16, F32, U8, F8_E4M3)")
 
 
 @dataclass(frozen=True)
@@ -82,16 +99,20 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def serialize(tensors: Mapping[str, npt.NDArray[Any]], dtype: str, metadata: Mapping[str, str] | None = None) -> bytes:
-    """A whole safetensors file holding ``tensors`` (name -> float array), every one in ``dtype``."""
+def serialize(
+    tensors: Mapping[str, npt.NDArray[Any]], dtype: str | Mapping[str, str], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """A whole safetensors file holding ``tensors`` (name -> array), every one in ``dtype`` (or, given
+    a mapping, each in its own: name -> dtype)."""
     header: dict[str, Any] = {}
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(tensors):
         if name == "__metadata__":
             raise SafetensorsError("a tensor may not be named __metadata__")
-        data = encode(tensors[name], dtype)
-        header[name] = {"dtype": dtype, "shape": list(np.shape(tensors[name])), "data_offsets": [offset, offset + len(data)]}
+        kind = dtype if isinstance(dtype, str) else dtype[name]
+        data = encode(tensors[name], kind)
+        header[name] = {"dtype": kind, "shape": list(np.shape(tensors[name])), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     if metadata:
