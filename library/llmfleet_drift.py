@@ -13,7 +13,8 @@ description:
     live host with it, one drift entry per difference found.
   - Generation files have the sha256 of the manifest, and no file is in the generation directory that the
     manifest does not list (C(manifest.json), C(verified.json), C(failed.json) and dot files excepted).
-  - The installed template unit C(<unit_dir>/llmfleet-vllm@.service) equals the generation's copy.
+  - The installed template unit C(<unit_dir>/llmfleet-vllm@.service) and each instance's drop-in
+    C(<unit_dir>/llmfleet-vllm@<name>.service.d/) equal the generation's copies.
   - Every store path of the manifest exists and its C(.llmfleet-complete) marker has the manifest's sha256;
     every model file of the plan is in its store path with the plan's size and (O(hash_files)) sha256;
     the runtime store path has C(bin/python).
@@ -304,18 +305,24 @@ def _check_files(gen_dir: str, manifest: dict[str, Any], r: Report) -> None:
 
 
 def _check_unit(gen_dir: str, unit_dir: str, r: Report) -> None:
-    ours = os.path.join(gen_dir, "units", TEMPLATE_UNIT)
-    installed = os.path.join(unit_dir, TEMPLATE_UNIT)
-    if not os.path.isfile(ours):
-        return  # a file-missing entry already says so
-    r.checked["units"] += 1
-    want = _sha(ours, r)
-    if not os.path.isfile(installed):
-        r.add("unit-missing", f"{installed} is not installed", path=installed, expected=want, found=None)
-        return
-    got = _sha(installed, r)
-    if got is not None and want is not None and got != want:
-        r.add("unit-changed", f"{installed} differs from the generation's {ours}", path=installed, expected=want, found=got)
+    """The installed template unit and each instance's drop-in (its key file, devices, limits) are the generation's."""
+    units = os.path.join(gen_dir, "units")
+    pairs = [(os.path.join(units, TEMPLATE_UNIT), os.path.join(unit_dir, TEMPLATE_UNIT))]
+    for name in sorted(os.listdir(units)) if os.path.isdir(units) else []:
+        if UNIT_RE.match(name.removesuffix(".d")) and name.endswith(".service.d") and os.path.isdir(os.path.join(units, name)):
+            for file in sorted(os.listdir(os.path.join(units, name))):
+                pairs.append((os.path.join(units, name, file), os.path.join(unit_dir, name, file)))
+    for ours, installed in pairs:
+        if not os.path.isfile(ours):
+            continue  # a file-missing entry already says so
+        r.checked["units"] += 1
+        want = _sha(ours, r)
+        if not os.path.isfile(installed):
+            r.add("unit-missing", f"{installed} is not installed", path=installed, expected=want, found=None)
+            continue
+        got = _sha(installed, r)
+        if got is not None and want is not None and got != want:
+            r.add("unit-changed", f"{installed} differs from the generation's {ours}", path=installed, expected=want, found=got)
 
 
 def _check_store(manifest: dict[str, Any], plan: dict[str, Any] | None, hash_files: bool, r: Report) -> set[str]:

@@ -79,11 +79,16 @@ def sha(data: bytes) -> str:
 
 
 def real_plan(root: Path, port: int) -> dict[str, Any]:
-    """lab1's plan as the evaluator makes it, with the root and the port of this test."""
+    """lab1's plan as the evaluator makes it, with the port of this test, its paths under ``root``
+    (a root under /var/lib is planned as is; the evaluator refuses any other, so a tree in tmp_path
+    gets the paths of the default root moved under it)."""
     host_vars = copy.deepcopy(load_inventory(REPO / "inventory" / "lab", "lab1")["lab1"])
-    host_vars["llmfleet_root"] = str(root)
     host_vars["llmfleet_instances"][0]["port"] = port
-    return evaluate_host("lab1", host_vars, load_lock())
+    if str(root).startswith("/var/lib/"):
+        host_vars["llmfleet_root"] = str(root)
+        return evaluate_host("lab1", host_vars, load_lock())
+    plan = evaluate_host("lab1", host_vars, load_lock())
+    return dict(json.loads(json.dumps(plan).replace('"/var/lib/llmfleet', f'"{root}')))
 
 
 def write_generation(root: Path, plan: dict[str, Any], generation: str) -> Path:
@@ -117,8 +122,8 @@ def write_generation(root: Path, plan: dict[str, Any], generation: str) -> Path:
 class Host:
     """A deployed lab1 in tmp_path: root, unit dir, a fake systemd/proc, the served models."""
 
-    def __init__(self, tmp_path: Path, server: ThreadingHTTPServer) -> None:
-        self.root = tmp_path / "var" / "lib" / "llmfleet"
+    def __init__(self, tmp_path: Path, server: ThreadingHTTPServer, root: Path | None = None) -> None:
+        self.root = root or tmp_path / "var" / "lib" / "llmfleet"
         self.unit_dir = tmp_path / "etc" / "systemd" / "system"
         self.unit_dir.mkdir(parents=True)
         plan = real_plan(self.root, server.server_address[1])
@@ -567,10 +572,15 @@ def test_cli_bad_arguments_give_messages_not_tracebacks(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("python3") is None, reason="needs a python3 for the module")
-def test_end_to_end_through_ansible_on_localhost(tmp_path: Path, server: ThreadingHTTPServer) -> None:
+def test_end_to_end_through_ansible_on_localhost(tmp_path: Path, server: ThreadingHTTPServer, request: pytest.FixtureRequest) -> None:
     """The real ad-hoc command and --tree parsing: localhost over the local connection, a host tree in
     tmp_path, a fake systemctl on PATH that says the instance is stopped (drift) and lists no units."""
-    host = Host(tmp_path, server)
+    # the CLI plans the inventory on this machine: its root must be one the evaluator takes (under /var/lib)
+    if os.geteuid() != 0 or not os.access("/var/lib", os.W_OK):
+        pytest.skip("needs root: the host tree of this test lives under /var/lib")
+    root = Path("/var/lib") / f"llmfleet-drift-test-{os.getpid()}-{tmp_path.name}"
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    host = Host(tmp_path, server, root)
     inv = tmp_path / "inv"
     (inv / "host_vars").mkdir(parents=True)
     lab1 = load_inventory(REPO / "inventory" / "lab", "lab1")["lab1"]
@@ -631,3 +641,21 @@ def test_a_mirror_blob_whose_content_is_not_its_name_is_drift_and_what_it_holds_
 
 def test_a_host_that_is_not_its_sites_mirror_reports_no_mirror(host: Host, tmp_path: Path) -> None:
     assert "mirror" not in host.check(mirror_dir=str(tmp_path / "nowhere"))
+
+
+def test_an_instance_drop_in_is_checked_like_the_unit(host: Host) -> None:
+    """Each instance's drop-in (its key file, devices, limits) is the generation's, as the template is."""
+    name = f"{host.inst['unit']}.d"
+    ours = host.gen / "units" / name / "llmfleet.conf"
+    ours.parent.mkdir()
+    ours.write_text("[Service]\nTasksMax=4096\n")
+    manifest = json.loads((host.gen / "manifest.json").read_text())
+    manifest["files"][f"units/{name}/llmfleet.conf"] = sha(ours.read_bytes())
+    (host.gen / "manifest.json").write_text(json.dumps(manifest))
+    assert [d["what"] for d in host.check()["drift"]] == ["unit-missing"]
+    installed = host.unit_dir / name / "llmfleet.conf"
+    installed.parent.mkdir()
+    installed.write_text("[Service]\nTasksMax=4096\nDeviceAllow=/dev/nvidia-uvm-tools rw\n")
+    assert [(d["what"], d["path"]) for d in host.check()["drift"]] == [("unit-changed", str(installed))]
+    installed.write_text(ours.read_text())
+    assert host.check()["drift"] == []

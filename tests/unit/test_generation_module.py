@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def store_path(root: Path, name: str) -> Path:
     return path
 
 
-def render(root: Path, gid: str, runtime: Path, models: list[Path], unit: str = "[Service]\n") -> None:
+def render(root: Path, gid: str, runtime: Path | str, models: list[Path], unit: str = "[Service]\n") -> None:
     d = root / "generations" / gid
     (d / "instances" / "tiny").mkdir(parents=True)
     (d / "units").mkdir()
@@ -55,11 +56,14 @@ def host(tmp_path: Path) -> Path:
     render(root, B, rt1, [m2])
     render(root, C, rt2, [m2])
     render(root, D, rt2, [m2], unit="[Service]\nX=1\n")
+    # gc keeps what arrived after the last switch (a rollout in progress); file times have the
+    # kernel's coarse clock (a few ms): the switches a test makes come strictly after this tree
+    time.sleep(0.05)
     return root
 
 
-def switch(root: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
-    return gen.run(params(root, "switch", generation=gid, reason=reason), check=False)
+def switch(host: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
+    return gen.run(params(host, "switch", generation=gid, reason=reason), check=False)
 
 
 def test_seal_hashes_every_file_and_store_marker(host: Path) -> None:
@@ -186,3 +190,136 @@ def test_gc_names_the_blobs_its_kept_generations_pin_for_the_sites_mirror(host: 
     kept = gen.run(params(host, "gc", keep=2), check=True)
     assert kept["kept_generations"] == [C, B]
     assert kept["kept_blobs"] == sorted({shas[C], shas[C][::-1], shas[B], shas[B][::-1]})
+
+
+# --- gc against a root spelled another way, work in progress, and a concurrent gc -----------------
+
+
+def test_gc_compares_real_paths_not_spellings(host: Path) -> None:
+    """A root spelled /var/lib/./llmfleet (here <tmp>/./llmfleet) must not make gc take the live
+    runtime and model for unreferenced paths."""
+    switch(host, A)
+    spelled = f"{host.parent}/./{host.name}"  # a string: pathlib would normalise it
+    out = gen.run({**params(host, "gc", keep=1), "root": spelled}, check=False)
+    assert (host / "store" / "r1-vllm").exists() and (host / "store" / "m1-tiny").exists(), out
+    assert sorted(os.path.basename(p) for p in out["removed_store_paths"]) == ["m2-tiny", "orphan-model", "r2-vllm"]
+
+
+def test_gc_compares_real_paths_of_the_manifests_too(host: Path, tmp_path: Path) -> None:
+    rt = store_path(host, "r3-vllm")
+    spelled_rt = f"{host.parent}/./{host.name}/store/{rt.name}"  # as an old manifest may record it
+    render(host, "e" * 24, spelled_rt, [host / "store" / "m1-tiny"])
+    switch(host, "e" * 24)
+    gen.run(params(host, "gc", keep=1), check=False)
+    assert rt.exists() and (host / "store" / "m1-tiny").exists()
+
+
+def test_gc_never_touches_a_partial_build(host: Path) -> None:
+    switch(host, A)
+    partial = host / "store" / "x-vllm-cpu.partial"
+    partial.mkdir()
+    (partial / "half-written").write_text("x")
+    gen.run(params(host, "gc", keep=1), check=False)
+    assert partial.exists()
+
+
+def test_gc_never_touches_a_generation_or_store_path_newer_than_current(host: Path) -> None:
+    """A rollout renders its generation and builds its store paths before it switches: gc between
+    the two must leave them alone (rendered after the last switch = newer than current)."""
+    switch(host, A)
+    time_after_switch = os.lstat(host / "current").st_mtime_ns
+    time.sleep(0.05)
+    fresh = store_path(host, "r9-vllm")  # built by the running rollout, not sealed into anything yet
+    render(host, "f" * 24, fresh, [host / "store" / "m2-tiny"])
+    unsealed = host / "generations" / ("9" * 24)
+    unsealed.mkdir()  # still being rendered
+    assert os.lstat(fresh).st_ctime_ns >= time_after_switch
+    out = gen.run(params(host, "gc", keep=1), check=False)
+    assert (host / "generations" / ("f" * 24)).exists() and unsealed.exists(), out
+    assert fresh.exists() and (host / "store" / "m2-tiny").exists(), out
+    assert sorted(out["removed_generations"]) == [B, C, D]
+
+
+def test_gc_takes_a_lock_and_waits_for_no_one_forever(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    switch(host, A)
+    monkeypatch.setattr(gen, "LOCK_WAIT_S", 0.3)
+    with open(host / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another gc (or a switch) is running
+        with pytest.raises(gen.GenerationError, match=r"another llmfleet_generation action holds .*\.lock"):
+            gen.run(params(host, "gc", keep=1), check=False)
+        with pytest.raises(gen.GenerationError, match="another llmfleet_generation action"):
+            switch(host, B)
+    assert (host / "store" / "orphan-model").exists() and os.readlink(host / "current") == f"generations/{A}"
+    assert gen.run(params(host, "gc", keep=1), check=False)["changed"]  # released: it runs
+
+
+# --- keys belong to the generations that use them; verdicts and switches ------------------------
+
+
+def _keyed_generation(root: Path, gid: str, keyed: list[str], runtime: Path, key_dir: Path) -> None:
+    render(root, gid, runtime, [])
+    plan = {"generation": gid, "instances": [
+        {"name": n, "api_key_required": n in keyed, "api_key_file": str(key_dir / f"{n}.env") if n in keyed else None}
+        for n in ("x", "y")
+    ]}  # fmt: skip
+    (root / "generations" / gid / "plan.json").write_text(json.dumps(plan))
+    gen.run(params(root, "seal", generation=gid, host="h", instances={}, runtime_store_path=str(runtime), model_store_paths=[]), False)
+
+
+def test_gc_removes_a_key_file_only_with_the_last_generation_that_needs_it(tmp_path: Path) -> None:
+    """A generation that un-exposes x and fails its switch rolls back to one that needs x's key:
+    the key stays while any kept generation needs it, and goes with the last one."""
+    root = tmp_path / "llmfleet"
+    keys = tmp_path / "api-keys"
+    keys.mkdir()
+    rt = store_path(root, "r1-vllm")
+    _keyed_generation(root, A, ["x"], rt, keys)  # x exposed
+    _keyed_generation(root, B, [], rt, keys)  # x un-exposed
+    for n in ("x", "stray"):
+        (keys / f"{n}.env").write_text("VLLM_API_KEY=k\n")
+    time.sleep(0.05)
+    switch(host=root, gid=A)
+    switch(host=root, gid=B)
+    gen.run(params(root, "gc", keep=2, api_key_dir=str(keys)), check=False)
+    assert (keys / "x.env").exists(), "A is kept and needs x's key"
+    assert not (keys / "stray.env").exists(), "no kept generation names it"
+    time.sleep(0.05)
+    switch(host=root, gid=B)
+    out = gen.run(params(root, "gc", keep=1, api_key_dir=str(keys)), check=False)
+    assert not (keys / "x.env").exists() and out["removed_api_key_files"] == [str(keys / "x.env")]
+
+
+def test_a_failed_verdict_is_readable_by_root_only(host: Path) -> None:
+    gen.run(params(host, "mark", generation=A, verdict="failed", reason="x", detail={"journal": "Traceback ... prompt text"}), False)
+    assert (host / "generations" / A / "failed.json").stat().st_mode & 0o777 == 0o600
+    gen.run(params(host, "mark", generation=B, verdict="verified", detail={"ok": True}), False)
+    assert (host / "generations" / B / "verified.json").stat().st_mode & 0o077 == 0o044
+
+
+def test_an_old_world_readable_failed_verdict_is_made_root_only(host: Path) -> None:
+    doc = {"schema": 1, "verdict": "failed", "reason": "x", "detail": None}
+    path = host / "generations" / A / "failed.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    path.chmod(0o644)
+    gen.run(params(host, "mark", generation=A, verdict="failed", reason="x"), False)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_switch_refuses_a_generation_whose_store_path_changed(host: Path) -> None:
+    marker = host / "store" / "r1-vllm" / ".llmfleet-complete"
+    (host / "store" / "r1-vllm").chmod(0o755)
+    marker.write_text("another runtime")
+    with pytest.raises(gen.GenerationError, match=r"store path .*r1-vllm.* is not the one generation .* was sealed with"):
+        switch(host, A)
+    marker.unlink()
+    with pytest.raises(gen.GenerationError, match=r"store path .*r1-vllm.* is not complete"):
+        switch(host, A)
+    assert not (host / "current").exists()
+
+
+def test_switch_refuses_a_generation_whose_files_changed(host: Path) -> None:
+    (host / "generations" / A / "instances" / "tiny" / "env").write_text("A='2'\n")
+    with pytest.raises(gen.GenerationError, match=r"instances/tiny/env .*differs from its manifest"):
+        switch(host, A)

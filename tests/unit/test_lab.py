@@ -164,8 +164,8 @@ def test_render_resolv_and_hosts() -> None:
 def test_render_ssh_config_names_every_host_with_the_lab_key(tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
     text = lab.render_ssh_config([Host("lab1", ip("10.213.0.11")), Host("lab2", ip("10.213.0.12"))], key)
-    assert "Host lab1\n  HostName 10.213.0.11\n  User root\n" in text
-    assert "Host lab2\n  HostName 10.213.0.12\n" in text
+    assert "Host lab1 10.213.0.11\n  HostName 10.213.0.11\n  User root\n" in text
+    assert "Host lab2 10.213.0.12\n  HostName 10.213.0.12\n" in text
     assert text.count(f"IdentityFile {key}") == 2
 
 

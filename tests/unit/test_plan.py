@@ -61,7 +61,8 @@ def test_valid_plan_has_everything_a_role_needs() -> None:
     assert inst["environment"]["HF_HUB_OFFLINE"] == "1"
     assert inst["url"] == "http://127.0.0.1:8000"
     assert inst["unit"] == "llmfleet-vllm@tiny.service"
-    assert plan["service"]["private_devices"] is True and plan["service"]["device_allow"] == []
+    assert plan["service"]["private_devices"] is True and inst["sandbox"]["device_allow"] == []
+    assert inst["user"] == "llmfleet-tiny" and plan["service"]["dynamic_user"] is True
     assert plan["unresolved"] == []
 
 
@@ -92,7 +93,9 @@ def test_cuda_profile_sets_visible_devices_and_device_allow() -> None:
     plan = evaluate_host("edge", host_vars, LOCK)
     env = plan["instances"][0]["environment"]
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert "/dev/nvidia3 rw" in plan["service"]["device_allow"] and not plan["service"]["private_devices"]
+    allowed = plan["instances"][0]["sandbox"]["device_allow"]
+    assert allowed == ["/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "/dev/nvidia2 rw", "/dev/nvidia3 rw"]
+    assert not plan["service"]["private_devices"]
     # unresolved pins are listed, not hidden: the deploy refuses them
     assert any("runtime vllm-0.19.0-cu128" in u for u in plan["unresolved"])
     assert any("model gemma-4-31b-it" in u for u in plan["unresolved"])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
+from fake_release import write_tree, write_wheel
 from llmfleet.rules_scan import ScanError, main, registry_entries, scan_supports_pp
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "supports_pp"
@@ -82,19 +81,11 @@ FILES = {
 
 
 def make_tree(root: Path) -> Path:
-    for name, text in FILES.items():
-        p = root / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(textwrap.dedent(text))
-    return root
+    return write_tree(root, FILES)
 
 
 def make_wheel(root: Path) -> Path:
-    wheel = root / "vllm-0.99.1-cp38-abi3-manylinux_2_31_x86_64.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for name, text in FILES.items():
-            z.writestr(name, textwrap.dedent(text))
-    return wheel
+    return write_wheel(root, FILES)
 
 
 EXPECTED_PP = ["AttrForCausalLM", "DirectForCausalLM", "GenericMM", "InheritedForCausalLM", "ReexportForCausalLM"]

@@ -299,10 +299,14 @@ def parse_nameservers(text: str) -> list[str]:
 
 
 def render_ssh_config(hosts: Sequence[Host], key: Path) -> str:
-    blocks = ["# Written by tools/lab.py up: ssh -F .lab/ssh_config lab1"]
+    blocks = [
+        "# Written by tools/lab.py up: ssh -F .lab/ssh_config lab1 (the lab inventories pass it to Ansible).\n"
+        "# Lab hosts get fresh host keys at every boot: only here is host key checking off, and only for them\n"
+        "# (by name and by address, which Ansible connects to)."
+    ]
     for host in hosts:
         blocks.append(
-            f"Host {host.name}\n"
+            f"Host {host.name} {host.ip}\n"
             f"  HostName {host.ip}\n"
             "  User root\n"
             f"  IdentityFile {key}\n"

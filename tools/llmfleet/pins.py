@@ -10,14 +10,46 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, PlanRefused, from_validation_error
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+# What a host later writes, installs or reads from the lock is checked here, when the lock is loaded:
+# a requirement line is exactly `name==version --hash=sha256:<hex>` (a newline or a space in a name
+# would inject pip options), a file path stays inside its store path.
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
+#: an exact PEP 440 version, with an optional local part (2.13.0+cpu); no specifier, no marker
+_VERSION_RE = re.compile(r"^([0-9]+!)?[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?(\+[A-Za-z0-9]+(\.[A-Za-z0-9]+)*)?$")
+_WHEEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.whl$")
+_SYSTEM_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
+_FILE_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SPECIFIER = r"(==|!=|<=|>=|<|>|~=)[A-Za-z0-9.*+!]+"
+#: a constraints-file line: a name and specifiers (one line: a newline would add another pip option)
+_CONSTRAINT_RE = re.compile(rf"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?{_SPECIFIER}(,{_SPECIFIER})*$")
+
+
+def _matching(regex: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        if not regex.match(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _inside_store(value: str) -> str:
+    if not _FILE_PATH_RE.match(value) or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError("must be a relative path inside the model's store path: segments of A-Z a-z 0-9 . _ -, no . or .. segment")
+    return value
+
+
+PackageName = Annotated[str, _matching(_NAME_RE, "a package name (letters, digits, '.', '_', '-'; no spaces or options)")]
 DEFAULT_LOCK = Path(__file__).resolve().parents[2] / "pins" / "lock.json"
 
 
@@ -26,14 +58,28 @@ class _Pin(BaseModel):
 
 
 class Requirement(_Pin):
-    name: str
-    version: str
+    name: PackageName
+    version: Annotated[str, _matching(_VERSION_RE, "an exact version (PEP 440, e.g. 2.13.0 or 2.13.0+cpu)")]
     sha256: SHA256
-    filename: str | None = None
+    filename: Annotated[str, _matching(_WHEEL_RE, "a wheel's file name (*.whl, no directory)")] | None = None
     size: Annotated[int, Field(ge=0)] | None = None
 
     def line(self) -> str:
         return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+
+
+#: value types of an engine option (``llmfleet.options_scan``): ``bool`` takes ``--x`` / ``--no-x``,
+#: ``flag`` is a switch without a value, ``list[...]`` takes several values, ``optional[...]`` may be bare
+ENGINE_OPTION_TYPE = r"^(bool|flag|int|float|str|json|(list|optional)\[(int|float|str|json)\])$"
+
+
+class EngineOption(_Pin):
+    """One option of the engine's API server, as its own parser defines it."""
+
+    type: Annotated[str, Field(pattern=ENGINE_OPTION_TYPE)]
+    choices: tuple[str, ...] | None = None
+    dest: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")] | None = None  # where it differs from the name
+    aliases: tuple[str, ...] | None = None  # other option strings of the same option (-tp, --disable-x)
 
 
 class CudaBuild(_Pin):
@@ -61,16 +107,24 @@ class RuntimePin(_Pin):
     status: Literal["resolved", "unresolved"] = "resolved"
     reason: str | None = None
     requirements: list[Requirement] | None = None
-    excluded: list[str] = Field(default_factory=list)
+    excluded: list[PackageName] = Field(default_factory=list)
     #: version constraints the resolution honoured (``uv pip compile -c``), e.g. a dependency
     #: release the engine version cannot run with
-    constraints: list[str] = Field(default_factory=list)
-    system_packages: list[str] = Field(default_factory=list)
+    constraints: list[
+        Annotated[str, _matching(_CONSTRAINT_RE, "a package name and version specifiers, e.g. transformers<5.15")]
+    ] = Field(default_factory=list)
+    system_packages: list[
+        Annotated[str, _matching(_SYSTEM_PACKAGE_RE, "a distribution package name (letters, digits, '+', '.', '_', '-')")]
+    ] = Field(default_factory=list)
     metadata_shim: bool = False
     #: architectures whose model class declares ``SupportsPP`` in this engine version, read from the
     #: release when pinning (``llmfleet.rules_scan``); None: not scanned, the PP rule cannot decide
     supports_pp: list[str] | None = None
     supports_pp_source: str | None = None
+    #: the API server's options (name without dashes -> type), read from the release when pinning
+    #: (``llmfleet.options_scan``); None: not scanned, an instance with engine_args is refused
+    engine_options: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")], EngineOption] | None = None
+    engine_options_source: str | None = None
     #: a CUDA build: the CUDA release its wheels link and the driver that needs (None: a CPU build,
     #: or a CUDA release catalog/cuda.yml does not list, and the driver rule cannot decide)
     cuda: CudaBuild | None = None
@@ -89,7 +143,7 @@ class RuntimePin(_Pin):
 
 
 class FilePin(_Pin):
-    path: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]*$")]
+    path: Annotated[str, AfterValidator(_inside_store)]
     sha256: SHA256
     size: Annotated[int, Field(ge=0)]
 
@@ -176,6 +230,9 @@ class ModelPin(_Pin):
     architecture: ArchFacts
     quantization: str | None = None
     trust_remote_code: bool = False
+    #: engine flags this model needs that llmfleet refuses by default (catalog/engine_args.yml):
+    #: the plan carries a warning for each one an instance uses
+    allow_engine_args: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] | None = None
     builder: dict[str, Any] | None = None
     facts_source: str | None = None
     uncertain: list[str] | bool | None = None

@@ -13,14 +13,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import rules
+from . import engine_args, rules
 from .errors import PlanRefused, Problem, from_validation_error
 from .pins import Lock, ModelPin, RuntimePin, content_hash, model_store_name, runtime_store_name
 from .spec import (
-    ENGINE_ARG_RE,
-    MANAGED_ENGINE_ARGS,
     RENAMED_HOST_VARS,
     RENAMED_INSTANCE_FIELDS,
+    SERVICE_USER_PREFIX,
     HardwareProfile,
     HostSpec,
     Instance,
@@ -32,8 +31,7 @@ PLAN_SCHEMA = 1
 #: where the lock comes from, for messages
 LOCK_NAME = "pins/lock.json or $LLMFLEET_LOCK"
 #: bump when the unit template changes in a way that needs running instances restarted
-UNIT_REVISION = 2
-SERVICE_USER = "llmfleet"
+UNIT_REVISION = 3
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: the role input that holds the API keys (instance name -> key); the evaluator reads only its names
 API_KEYS_VAR = "vllm_service_api_keys"
@@ -41,6 +39,18 @@ API_KEYS_VAR = "vllm_service_api_keys"
 API_KEY_DIR = "/etc/llmfleet/api-keys"
 #: the variable vLLM reads its API key from (vllm/envs.py); never ``--api-key`` in argv
 API_KEY_ENV = "VLLM_API_KEY"
+#: threads and processes one instance may have (systemd TasksMax=): a rank runs a few hundred
+TASKS_MAX = 4096
+#: host memory of one rank of the CPU build besides its weights and KV cache (torch, vLLM, the
+#: compile at warm-up): 2.5-2.9 GB measured for a whole single-rank instance with 1 GiB of KV
+RANK_MEMORY_ALLOWANCE = 3 << 30
+#: from this vLLM version a single rank meets itself through a file store (uniproc_executor.py,
+#: get_file_store_init_method); 0.19 still opened a TCP store on the host's address, which an
+#: address allow-list of localhost would stop. (No SocketBindAllow=: every rank, even a single one,
+#: has torch's gloo group bind an ephemeral TCP listener, a bind of port 0; systemd matches the
+#: requested port, and the systemd of Debian 12 (252) takes no rule for port 0, so a bind allow-list
+#: would stop vLLM there.)
+FILE_RENDEZVOUS_FROM = (0, 32)
 
 
 def is_loopback(bind: str) -> bool:
@@ -201,11 +211,9 @@ def _check_instance(
             "prompt_tokens + output_tokens exceed max_model_len",
             f"a sum of at most {inst.max_model_len}",
         )
-    for name in inst.engine_args:
-        if not ENGINE_ARG_RE.match(name):
-            c.error(f"{at}.engine_args", name, "is not a vLLM flag name", "snake_case, e.g. enforce_eager")
-        elif name in MANAGED_ENGINE_ARGS:
-            c.error(f"{at}.engine_args.{name}", inst.engine_args[name], "is set by llmfleet", f"use {MANAGED_ENGINE_ARGS[name]}")
+    if runtime is not None:
+        for f in engine_args.check(inst.engine_args, runtime_key or "", runtime, inst.model, model):
+            (c.warn if f.severity == "warning" else c.error)(f"{at}.{f.where}", f.value, f.message, f.valid)
     if hw.accelerator == "cpu":
         if inst.kv_cache_memory_bytes is None:
             c.error(
@@ -316,15 +324,6 @@ def _check_api_keys(c: _Checker, spec: HostSpec, keyed: frozenset[str]) -> None:
             )
 
 
-def _engine_flag(name: str, value: Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return [flag]
-    if value is False:
-        return ["--no-" + name.replace("_", "-")]
-    return [flag, str(value)]
-
-
 def _instance_plan(
     spec: HostSpec,
     inst: Instance,
@@ -333,6 +332,8 @@ def _instance_plan(
     model_path: str,
     model_pin: ModelPin,
     keyed: frozenset[str],
+    runtime_pin: RuntimePin,
+    capacity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     state_dir = f"{spec.root}/state/{inst.name}"
     argv = [
@@ -363,8 +364,9 @@ def _instance_plan(
     if model_pin.trust_remote_code:
         # only a pin may allow it (engine_args cannot); the plan carries a warning
         argv.append("--trust-remote-code")
-    for name in sorted(inst.engine_args):
-        argv += _engine_flag(name, inst.engine_args[name])
+    options = runtime_pin.engine_options or {}
+    for name in sorted(inst.engine_args):  # checked against these options: `--flag=value`, one argv element each
+        argv.append(engine_args.render(name, inst.engine_args[name], options[name.replace("_", "-")]))
 
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -405,6 +407,9 @@ def _instance_plan(
         # where the key is, never the key: a root-owned 0600 file systemd reads (EnvironmentFile=)
         "api_key_required": inst.name in keyed,
         "api_key_file": f"{API_KEY_DIR}/{inst.name}.env" if inst.name in keyed else None,
+        # a systemd dynamic user of its own (DynamicUser=): instances share no uid, no file, no device
+        "user": f"{SERVICE_USER_PREFIX}{inst.name}",
+        "sandbox": _sandbox(inst, hw, runtime_pin, spec.api_bind, capacity),
         "argv": argv,
         "environment": env,
         "state_dir": state_dir,
@@ -418,23 +423,41 @@ def _instance_plan(
             "unit_revision": UNIT_REVISION,
             "devices": plan["devices"],
             "api_key_required": plan["api_key_required"],
+            "user": plan["user"],
+            "sandbox": plan["sandbox"],
         }
     )
     return plan
 
 
-def _service(spec: HostSpec, hw: HardwareProfile) -> dict[str, Any]:
+def _sandbox(inst: Instance, hw: HardwareProfile, runtime_pin: RuntimePin, bind: str, capacity: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What only this instance's unit gets (the drop-in the generation carries for it): its own
+    device nodes and the limits vLLM tolerates for its layout and version."""
+    ranks = inst.tensor_parallel * inst.pipeline_parallel
+    devices: list[str] = []
     if hw.accelerator == "cuda":
-        nodes = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
-        nodes += [f"/dev/nvidia{i}" for i in range(hw.device_count)]
-        device_allow = [f"{n} rw" for n in nodes]
-    else:
-        device_allow = []
+        # its own GPUs and the control and UVM nodes every CUDA process opens; never nvidia-uvm-tools (profiling)
+        devices = ["/dev/nvidiactl rw", "/dev/nvidia-uvm rw", *(f"/dev/nvidia{g} rw" for g in sorted(inst.gpus))]
+        if hw.mig:
+            devices.append("char-nvidia-caps r")  # MIG capability nodes /dev/nvidia-caps/nvidia-cap*
+    sandbox: dict[str, Any] = {"device_allow": devices, "tasks_max": TASKS_MAX}
+    if hw.accelerator == "cpu" and inst.kv_cache_memory_bytes is not None:
+        # host memory of a GPU instance (weight loading, pinned buffers) is not modelled: no MemoryMax there
+        weights = int(((capacity or {}).get("weights") or {}).get("max_bytes_per_gpu") or 0)
+        sandbox["memory_max"] = ranks * (weights + inst.kv_cache_memory_bytes + RANK_MEMORY_ALLOWANCE)
+    if ranks == 1 and is_loopback(bind) and rules.version_tuple(runtime_pin.vllm_version)[:2] >= FILE_RENDEZVOUS_FROM:
+        # one rank talks to no one but its clients on loopback (ranks > 1 meet over TCP, gloo and NCCL
+        # on the host's own address; an exposed API takes clients from anywhere)
+        sandbox["ip_address_allow"] = ["localhost"]
+    return sandbox
+
+
+def _service(spec: HostSpec, hw: HardwareProfile) -> dict[str, Any]:
+    """What the template unit every instance shares gets (per instance: ``instances[].sandbox``)."""
     return {
-        "user": SERVICE_USER,
-        "group": SERVICE_USER,
+        "dynamic_user": True,
+        "user_prefix": SERVICE_USER_PREFIX,
         "private_devices": hw.accelerator == "cpu",
-        "device_allow": device_allow,
         "limit_nofile": 20000,
         "read_only_paths": [f"{spec.root}/store"],
         "api_key_dir": API_KEY_DIR,
@@ -503,15 +526,17 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
             "store_path": f"{spec.root}/store/{model_store_name(inst.model, pin)}",
             "files": [f.model_dump() for f in pin.files or []],
         }
-    instances = [
-        _instance_plan(spec, inst, hw, runtime, models[inst.model]["store_path"], lock.models[inst.model], keyed)
-        for inst in spec.instances
-    ]
-    for i, inst_plan in enumerate(instances):
+    instances = []
+    for i, inst in enumerate(spec.instances):
         analysis = c.analyses.get(i)
+        capacity = analysis.plan_capacity() if analysis is not None else None
+        inst_plan = _instance_plan(
+            spec, inst, hw, runtime, models[inst.model]["store_path"], lock.models[inst.model], keyed, runtime_pin, capacity
+        )
         if analysis is not None:
-            inst_plan["capacity"] = analysis.plan_capacity()
+            inst_plan["capacity"] = capacity
             inst_plan["rules"] = [r.to_dict() for r in analysis.results]
+        instances.append(inst_plan)
     plan: dict[str, Any] = {
         "schema": PLAN_SCHEMA,
         "host": host,

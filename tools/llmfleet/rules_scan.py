@@ -35,7 +35,7 @@ class ScanError(Exception):
     """The source could not be read as a vLLM release."""
 
 
-class _Source:
+class Release:
     """Text files of a release, from a wheel or a directory, addressed by posix path."""
 
     def __init__(self, path: Path):
@@ -68,6 +68,16 @@ class _Source:
         assert self._root is not None
         p = self._root / name
         return p.read_text(encoding="utf-8", errors="replace") if p.is_file() else None
+
+    def sha256(self) -> str | None:
+        """The wheel's sha256 (a source tree has none)."""
+        if self._zip is None:
+            return None
+        h = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
 
     def version(self) -> str | None:
         text = self.read("vllm/_version.py")
@@ -117,7 +127,8 @@ def _module_file(module: str) -> list[str]:
     return [f"{base}.py", f"{base}/__init__.py"]
 
 
-def _resolve_relative(current: str, is_package: bool, level: int, module: str | None) -> str:
+def resolve_relative(current: str, is_package: bool, level: int, module: str | None) -> str:
+    """The absolute module a relative import (``from ..x import y`` in ``current``) names."""
     parts = current.split(".")
     if not is_package:
         parts = parts[:-1]
@@ -127,7 +138,7 @@ def _resolve_relative(current: str, is_package: bool, level: int, module: str | 
 
 
 class _Scanner:
-    def __init__(self, source: _Source):
+    def __init__(self, source: Release):
         self.source = source
         self._modules: dict[str, _Module | None] = {}
         self._verdicts: dict[tuple[str, str], bool | None] = {}
@@ -160,7 +171,7 @@ class _Scanner:
                 if isinstance(node, ast.ClassDef):
                     classes[node.name] = node
                 elif isinstance(node, ast.ImportFrom):
-                    target = _resolve_relative(name, is_package, node.level, node.module) if node.level else (node.module or "")
+                    target = resolve_relative(name, is_package, node.level, node.module) if node.level else (node.module or "")
                     for a in node.names:
                         imports[a.asname or a.name] = (target, a.name)
                 elif isinstance(node, ast.Import):
@@ -301,23 +312,14 @@ def registry_entries(text: str) -> Iterator[tuple[str, str, str]]:
                 yield k.value, mod, cls
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def scan_supports_pp(path: str | Path) -> ScanResult:
     """Scan a vLLM wheel or source tree; architectures are sorted, unresolved ones say why."""
-    src = _Source(Path(path))
+    src = Release(Path(path))
     text = src.read(REGISTRY)
     if text is None:
         raise ScanError(f"{path}: no {REGISTRY} (not a vLLM wheel or source tree)")
     scanner = _Scanner(src)
-    digest = _sha256(Path(path)) if Path(path).is_file() else None
-    result = ScanResult(engine_version=src.version(), source=Path(path).name, source_sha256=digest)
+    result = ScanResult(engine_version=src.version(), source=Path(path).name, source_sha256=src.sha256())
     seen: dict[str, bool | None] = {}
     for arch, module, cls in registry_entries(text):
         if arch in seen:

@@ -3,7 +3,7 @@
 ``$LLMFLEET_CACHE/venvs/<store name>`` (the same content-addressed name a host's store path has,
 ``pins.runtime_store_name``) is built from the runtime's wheelhouse only: a bare ``venv`` of the
 pin's Python, then ``uv pip install --no-index --find-links <wheelhouse> --require-hashes
---no-deps`` of the lock's requirement set (8 s, where pip takes minutes). It is built in
+--no-deps --only-binary :all:`` of the lock's requirement set (8 s, where pip takes minutes). It is built in
 ``<path>.partial``, gets its marker file last and is renamed into place, so a path that exists
 is complete; a concurrent builder that loses the rename race uses the winner's copy.
 
@@ -106,7 +106,7 @@ def ensure_runtime_venv(lock: Lock, key: str, wheelhouse: Path | None = None, py
         env = dict(os.environ, UV_NO_CONFIG="1", UV_PYTHON_DOWNLOADS="never")
         cmd = [
             uv_binary(), "pip", "install", "--python", str(partial / "bin" / "python"), "--no-index", "--find-links", str(wheels),
-            "--require-hashes", "--no-deps", "--quiet", "-r", str(reqs),
+            "--require-hashes", "--no-deps", "--only-binary", ":all:", "--quiet", "-r", str(reqs),
         ]  # fmt: skip
         _run(cmd, "uv pip install", env)
         (partial / MARKER).write_text(json.dumps(_marker(key, pin), sort_keys=True) + "\n")

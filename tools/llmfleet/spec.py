@@ -8,6 +8,7 @@ refused, never silently ignored). A renamed or removed variable is refused with 
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -15,9 +16,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = r"^[a-z][a-z0-9-]{0,39}$"
-ENGINE_ARG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: an instance runs as its own (systemd dynamic) user llmfleet-<name>; a user name has at most 31 characters
+SERVICE_USER_PREFIX = "llmfleet-"
+MAX_INSTANCE_NAME = 31 - len(SERVICE_USER_PREFIX)
+NAME_RE = rf"^[a-z][a-z0-9-]{{0,{MAX_INSTANCE_NAME - 1}}}$"
 SPEC_PREFIX = "llmfleet_"
+#: llmfleet_root lives below this (systemd's StateDirectory= is relative to /var/lib, which only root may write)
+ROOT_PARENT = "/var/lib/"
 #: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
 NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report"})  # facts the playbooks set, not spec
 
@@ -37,22 +42,6 @@ RENAMED_INSTANCE_FIELDS: dict[str, str] = {
     "devices": "gpus",
     "context_length": "max_model_len",
     "extra_args": "engine_args (a mapping of vLLM flag name to value)",
-}
-
-#: engine flags llmfleet sets itself from typed fields; engine_args may not override them
-MANAGED_ENGINE_ARGS: dict[str, str] = {
-    "model": "model",
-    "served_model_name": "model",
-    "host": "llmfleet_api_bind",
-    "port": "port",
-    "tensor_parallel_size": "tensor_parallel",
-    "pipeline_parallel_size": "pipeline_parallel",
-    "max_model_len": "max_model_len",
-    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
-    "gpu_memory_utilization": "gpu_memory_utilization",
-    "api_key": "an API key environment file (never argv)",
-    "trust_remote_code": "the model pin's trust_remote_code",
-    "download_dir": "the model store",
 }
 
 EngineValue = str | int | float | bool
@@ -110,6 +99,8 @@ class HardwareProfile(_Model):
     driver: dict[str, DriverPin] = Field(default_factory=dict)
     cpu_binds: list[str] | None = None
     nccl_p2p_disable: bool = False
+    #: GPUs partitioned with MIG: an instance also needs the capability nodes /dev/nvidia-caps/*
+    mig: bool = False
 
     @field_validator("driver")
     @classmethod
@@ -162,7 +153,7 @@ class Load(_Model):
 class Instance(_Model):
     """One vLLM server: a model on a set of devices with a parallel layout."""
 
-    name: Annotated[str, Field(pattern=NAME_RE)]
+    name: str
     model: str
     gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
@@ -174,6 +165,16 @@ class Instance(_Model):
     engine_args: dict[str, EngineValue] = Field(default_factory=dict)
     targets: Targets = Field(default_factory=Targets)
     load: Load = Field(default_factory=Load)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(NAME_RE, v):
+            raise ValueError(
+                f"must be [a-z][a-z0-9-]*, at most {MAX_INSTANCE_NAME} characters (the instance runs as its own user"
+                f" {SERVICE_USER_PREFIX}<name>, and a user name has at most 31)"
+            )
+        return v
 
 
 HTTP_URL = r"^https?://[A-Za-z0-9.\[\]:_-]+(/[A-Za-z0-9._~/-]*)?$"
@@ -211,6 +212,19 @@ class HostSpec(_Model):
         if self.site_mirror is not None and self.site is None:
             raise ValueError("llmfleet_site_mirror is set but llmfleet_site is not: a mirror serves one site")
         return self
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        # checked once, here, on the control node: the roles, gc and StateDirectory= take it as given
+        if posixpath.normpath(v) != v or v.startswith("//"):
+            raise ValueError("must be a normalised absolute path (no ., .. or empty segment, no trailing /), e.g. /var/lib/llmfleet")
+        if not v.startswith(ROOT_PARENT):
+            raise ValueError(
+                f"must be a directory under {ROOT_PARENT} (root's, and systemd's StateDirectory= is relative to it;"
+                " never a world-writable place such as /tmp), e.g. /var/lib/llmfleet"
+            )
+        return v
 
     @field_validator("api_bind")
     @classmethod

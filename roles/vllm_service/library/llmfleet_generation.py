@@ -20,12 +20,18 @@ options:
   action:
     description:
       - C(seal) writes the generation's manifest (last step of rendering it).
-      - C(switch) points C(current) at I(generation) and records the switch in the history.
+      - C(switch) points C(current) at I(generation) and records the switch in the history. It first checks the
+        generation is still what its manifest sealed (every file's sha256, each store path's completion marker).
       - C(status) reports current, previous, the history and the generations on disk; with I(to) it also
         resolves a rollback target.
       - C(mark) records a verdict in the generation (I(failed) or I(verified)).
       - C(gc) keeps I(keep) generations, the current one and the most recently switched-to others, removes
-        the other generations and every store path that no kept generation references.
+        the other generations and every store path that no kept generation references. Paths are compared
+        as real paths (a root spelled C(/var/lib/./llmfleet) is the same root). It never touches a C(.partial)
+        build, nor a generation or store path newer than the last switch (a rollout renders and builds before
+        it switches).
+      - C(seal), C(switch), C(mark) and C(gc) hold an exclusive lock on C(<root>/.lock) while they run; one
+        that cannot get it within a minute fails.
     type: str
     required: true
     choices: [seal, switch, status, mark, gc]
@@ -73,6 +79,11 @@ options:
     default: 3
   store_dir:
     description: C(gc) only. Store directory to collect; defaults to C(<root>/store).
+    type: path
+  api_key_dir:
+    description:
+      - C(gc) only. API key files (C(*.env)) that no kept generation's plan names are removed from it; defaults to the
+        current generation's C(service.api_key_dir).
     type: path
 """
 
@@ -132,8 +143,18 @@ removed_store_paths:
   description: Store paths removed (or that would be, in check mode) by C(gc).
   returned: when action is gc
   type: list
+in_progress_generations:
+  description: Generations C(gc) kept because they were rendered after the last switch (a rollout in progress).
+  returned: when action is gc
+  type: list
+removed_api_key_files:
+  description: API key files removed (or that would be) by C(gc) because no kept generation names them.
+  returned: when action is gc
+  type: list
 """
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -141,6 +162,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
@@ -148,8 +170,14 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 MANIFEST = "manifest.json"
 HISTORY = "history.json"
 VERDICT_FILES = ("verified.json", "failed.json")
+#: failed.json keeps the failure (journal lines of the crash, which may quote requests): root only
+VERDICT_MODES = {"verified": 0o644, "failed": 0o600}
 NOT_SEALED = (MANIFEST, *VERDICT_FILES)
 MARKER = ".llmfleet-complete"
+PARTIAL = ".partial"  # a store path being built (<path>.partial, renamed when complete)
+LOCK = ".lock"
+#: how long an action waits for another one (a gc, a switch) to release the root's lock
+LOCK_WAIT_S = 60.0
 SCHEMA = 1
 ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -180,11 +208,12 @@ def read_json(path: str, default: Any = None) -> Any:
 
 
 def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
-    """Write doc to path by rename; False when the file already holds exactly this content."""
+    """Write doc to path by rename, with ``mode`` set on the open file; False when the file already
+    holds exactly this content with this mode."""
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     try:
         with open(path, encoding="utf-8") as handle:
-            if handle.read() == text:
+            if handle.read() == text and os.fstat(handle.fileno()).st_mode & 0o7777 == mode:
                 return False
     except FileNotFoundError:
         pass
@@ -194,8 +223,8 @@ def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -210,6 +239,38 @@ class Root:
         self.generations = os.path.join(root, "generations")
         self.current_link = os.path.join(root, "current")
         self.history_file = os.path.join(root, HISTORY)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``<root>/.lock`` (flock, exclusive) for one action; fail after LOCK_WAIT_S."""
+        if not os.path.isdir(self.root):  # nothing rendered yet (check mode before install): nothing to guard
+            yield
+            return
+        path = os.path.join(self.root, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise GenerationError(
+                            f"another llmfleet_generation action holds {path} (waited {LOCK_WAIT_S:g} s): a gc or a switch"
+                            " is running on this host; try again when it is done"
+                        ) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def switched_at(self) -> int | None:
+        """When ``current`` was last switched (the symlink's own mtime, ns), or None."""
+        try:
+            return os.lstat(self.current_link).st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def gen_dir(self, generation: str) -> str:
         if not ID_RE.match(generation or ""):
@@ -358,6 +419,29 @@ def seal(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     return {"changed": write_json_atomic(path, manifest), "manifest": manifest}
 
 
+def check_sealed(gen_dir: str) -> None:
+    """The generation is still what its manifest sealed: every file, and every store path it uses with
+    the completion marker it had (a store path rebuilt, half removed or replaced is refused)."""
+    manifest = read_json(os.path.join(gen_dir, MANIFEST))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("store_paths"), list):
+        raise GenerationError(f"{gen_dir}/{MANIFEST} is not a manifest (files, store_paths): the generation cannot be switched to")
+    for rel, digest in sorted(manifest["files"].items()):
+        path = os.path.join(gen_dir, rel)
+        if not os.path.isfile(path) or sha256_file(path) != digest:
+            raise GenerationError(
+                f"{path} is missing or differs from its manifest: generation {os.path.basename(gen_dir)} was changed after it was sealed"
+            )
+    for entry in manifest["store_paths"]:
+        path, want = str(entry.get("path")), entry.get("marker_sha256")
+        marker = os.path.join(path, MARKER)
+        if not os.path.isdir(path) or os.path.islink(path) or not os.path.isfile(marker):
+            raise GenerationError(f"store path {path} is not complete (no {MARKER}): generation {os.path.basename(gen_dir)} needs it")
+        if sha256_file(marker) != want:
+            raise GenerationError(
+                f"store path {path} is not the one generation {os.path.basename(gen_dir)} was sealed with (its {MARKER} changed)"
+            )
+
+
 def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     generation = params["generation"]
     gen_dir = root.gen_dir(generation)
@@ -368,6 +452,8 @@ def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         if check:
             return {"changed": True, "previous": before, "number": None}
         raise GenerationError(f"generation {generation} is not complete (no {gen_dir}/{MANIFEST}): it cannot be switched to")
+    if not check:
+        check_sealed(gen_dir)
     history = root.history()
     number = max([int(e.get("n", 0)) for e in history] + [0]) + 1
     if check:
@@ -405,9 +491,10 @@ def mark(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     doc = {"schema": SCHEMA, "verdict": verdict, "reason": params.get("reason"), "detail": params.get("detail")}
     path = os.path.join(gen_dir, f"{verdict}.json")
     other = os.path.join(gen_dir, "verified.json" if verdict == "failed" else "failed.json")
-    changed = read_json(path) != doc or os.path.exists(other)
+    mode = VERDICT_MODES[verdict]
+    changed = read_json(path) != doc or os.path.exists(other) or os.stat(path).st_mode & 0o7777 != mode
     if changed and not check:
-        write_json_atomic(path, doc)
+        write_json_atomic(path, doc, mode)
         if os.path.exists(other):  # a generation that passed after a failure (or the reverse) has one verdict
             os.unlink(other)
     return {"changed": changed}
@@ -423,6 +510,12 @@ def plan_blobs(plan: Any) -> set[str]:
     return out
 
 
+def _arrived(path: str) -> int:
+    """When a path got its present content (ns): a rename or a write changes ctime or mtime."""
+    st = os.lstat(path)
+    return max(st.st_mtime_ns, st.st_ctime_ns)
+
+
 def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     keep = params.get("keep")
     if not isinstance(keep, int) or keep < 1:
@@ -430,6 +523,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     store_dir = params.get("store_dir") or os.path.join(root.root, "store")
     current = root.current()
     history = root.history()
+    switched_at = root.switched_at()
     kept: list[str] = [current] if current else []
     for entry in reversed(history):
         gid = entry["generation"]
@@ -437,34 +531,80 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
             break
         if gid not in kept and os.path.isdir(os.path.join(root.generations, gid)):
             kept.append(gid)
+
+    def newer_than_current(path: str) -> bool:
+        # a rollout renders its generation and builds its store paths before it switches to them
+        return switched_at is None or _arrived(path) >= switched_at
+
+    # a generation rendered after the last switch (sealed after it, or still being rendered) belongs to
+    # a rollout that has not switched yet: it is kept, and so is every store path it names
+    in_progress = []
+    for gid in root.on_disk():
+        if gid in kept:
+            continue
+        manifest = os.path.join(root.generations, gid, MANIFEST)
+        if newer_than_current(manifest if os.path.isfile(manifest) else os.path.join(root.generations, gid)):
+            in_progress.append(gid)
     referenced: set[str] = set()
-    for gid in kept:
+    for gid in kept + in_progress:
         manifest = read_json(os.path.join(root.gen_dir(gid), MANIFEST))
+        if manifest is None and gid in in_progress:
+            continue  # not sealed yet: the store paths it will name are newer than current too
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             # a kept generation whose needs are unknown: collect nothing rather than guess
             raise GenerationError(f"kept generation {gid} has no readable {MANIFEST}: refusing to collect store paths")
-        referenced.update(str(e.get("path")) for e in manifest["store_paths"] if isinstance(e, dict))
-    removed_generations = [g for g in root.on_disk() if g not in kept]
-    kept_blobs = sorted({b for gid in kept for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), "plan.json")))})
+        # real paths: a root spelled /var/lib/./llmfleet (here or in an old manifest) is the same root
+        referenced.update(os.path.realpath(str(e.get("path"))) for e in manifest["store_paths"] if isinstance(e, dict))
+    removed_generations = [g for g in root.on_disk() if g not in kept and g not in in_progress]
+    kept_blobs = sorted({b for gid in kept + in_progress for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), "plan.json")))})
     try:
         store_entries = sorted(os.listdir(store_dir))
     except FileNotFoundError:
         store_entries = []
     removed_store = [
-        os.path.join(store_dir, name) for name in store_entries if os.path.join(store_dir, name) not in referenced
+        os.path.join(store_dir, name)
+        for name in store_entries
+        if not name.endswith(PARTIAL)  # a build in progress (or interrupted: its builder removes it)
+        and os.path.realpath(os.path.join(store_dir, name)) not in referenced
+        and not newer_than_current(os.path.join(store_dir, name))
     ]
+    removed_keys = _unneeded_keys(root, params.get("api_key_dir"), current, kept + in_progress)
     if not check:
         for gid in removed_generations:
             _remove(os.path.join(root.generations, gid))
         for path in removed_store:
             _remove(path)
+        for path in removed_keys:
+            os.unlink(path)
     return {
-        "changed": bool(removed_generations or removed_store),
+        "changed": bool(removed_generations or removed_store or removed_keys),
         "kept_generations": kept,
         "kept_blobs": kept_blobs,
+        "in_progress_generations": in_progress,
         "removed_generations": removed_generations,
         "removed_store_paths": removed_store,
+        "removed_api_key_files": removed_keys,
     }
+
+
+def _unneeded_keys(root: Root, key_dir: str | None, current: str | None, kept: list[str]) -> list[str]:
+    """API key files (``<key_dir>/*.env``) that no kept generation's plan names: a key goes with the
+    last generation that uses it, so a rollback to any kept generation finds its keys."""
+    plans = [read_json(os.path.join(root.gen_dir(gid), "plan.json")) for gid in kept]
+    if not key_dir:  # the key directory of the current generation's plan
+        current_plan = plans[kept.index(current)] if current in kept else None
+        key_dir = ((current_plan or {}).get("service") or {}).get("api_key_dir") if isinstance(current_plan, dict) else None
+    if not key_dir or not os.path.isdir(key_dir):
+        return []
+    needed = set()
+    for plan in plans:
+        if not isinstance(plan, dict):
+            continue  # a generation still being rendered names none yet; its keys were just written
+        for inst in plan.get("instances") or []:
+            if isinstance(inst, dict) and inst.get("api_key_file"):
+                needed.add(os.path.realpath(str(inst["api_key_file"])))
+    files = [os.path.join(key_dir, name) for name in os.listdir(key_dir) if name.endswith(".env")]
+    return sorted(f for f in files if os.path.isfile(f) and os.path.realpath(f) not in needed)
 
 
 def _remove(path: str) -> None:
@@ -490,7 +630,8 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
     if action in ("seal", "switch", "mark") and not params.get("generation"):
         raise GenerationError(f"action={action} needs generation")
     if action in ACTIONS:
-        result.update(ACTIONS[action](root, params, check))
+        with root.locked():
+            result.update(ACTIONS[action](root, params, check))
     if action == "status" and params.get("to") is not None:
         result["target"] = root.resolve(str(params["to"]))
     described = root.describe()
@@ -516,6 +657,7 @@ def main() -> None:
             "to": {"type": "str"},
             "keep": {"type": "int", "default": 3},
             "store_dir": {"type": "path"},
+            "api_key_dir": {"type": "path"},
         },
         supports_check_mode=True,
     )

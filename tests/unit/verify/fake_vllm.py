@@ -9,6 +9,7 @@ synchronously.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -27,8 +28,11 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 class Behaviour:
     model: str = "tiny-llama"
     max_model_len: int = 2048
-    health: str = "ok"  # ok | 503 | hang
-    completions: str = "good"  # good | 500 | 429 | hang | cut | abort | malformed | no_usage | short | error_event
+    health: str = "ok"  # ok | 503 | hang | trickle (200, then a body of one byte every 0.2 s, forever)
+    # good | 500 | 429 | hang | cut | abort | malformed | no_usage | short | error_event, and hostile streams:
+    # trickle (a byte every 0.2 s, forever), endless (content events as fast as it can, forever),
+    # huge_error (HTTP 500 with a 64 MiB body)
+    completions: str = "good"
     ttft_delay: float = 0.0
     token_delay: float = 0.0
     tokens_per_chunk: int = 1
@@ -95,9 +99,11 @@ class FakeVllm:
             return _error(401, "Unauthorized", "Unauthorized")
         return None
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: web.Request) -> web.StreamResponse:
         if self.b.health == "hang":
             await asyncio.sleep(3600)
+        if self.b.health == "trickle":
+            return await _trickle(request, web.StreamResponse(status=200))
         if self.b.health != "ok":
             return web.Response(status=503, text="loading")
         return web.Response(status=200)
@@ -158,6 +164,8 @@ class FakeVllm:
             return _error(500, "EngineCore encountered an issue", "InternalServerError")
         if bad == "429":
             return _error(429, "Too many requests", "RateLimitError")
+        if body.get("stream") and bad in HOSTILE:
+            return await HOSTILE[bad](self, request)
         if not body.get("stream"):
             await asyncio.sleep(self.b.ttft_delay)
             self._count(prompt_tokens, n, self.b.ttft_delay)
@@ -267,6 +275,48 @@ class FakeVllm:
             f'num_cpu_blocks="None",num_gpu_blocks="{self.b.num_gpu_blocks}",prefix_caching_hash_algo="sha256"}} 1.0'
         )
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def _trickle(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """Headers, then one byte every 0.2 s until the client hangs up: every idle timeout is met."""
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await resp.write(b"x")
+            await asyncio.sleep(0.2)
+    return resp
+
+
+async def _endless(fake: FakeVllm, request: web.Request) -> web.StreamResponse:
+    """Valid content events, as fast as the client reads them, never a [DONE]."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    block = fake._chunk(" tok", None) * 1000
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await resp.write(block)
+    return resp
+
+
+HUGE_ERROR_BYTES = 64 << 20
+
+
+async def _huge_error(fake: FakeVllm, request: web.Request) -> web.StreamResponse:
+    """An HTTP 500 whose body is 64 MiB (written 1 MiB at a time: the server holds little)."""
+    resp = web.StreamResponse(status=500, headers={"Content-Type": "text/plain", "Content-Length": str(HUGE_ERROR_BYTES)})
+    await resp.prepare(request)
+    piece = b"engine failed " + b"x" * ((1 << 20) - 14)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(HUGE_ERROR_BYTES >> 20):
+            await resp.write(piece)
+    return resp
+
+
+HOSTILE = {
+    "trickle": lambda fake, request: _trickle(request, web.StreamResponse(headers={"Content-Type": "text/event-stream"})),
+    "endless": _endless,
+    "huge_error": _huge_error,
+}
 
 
 async def _shutdown(runner: web.AppRunner) -> None:

@@ -206,7 +206,8 @@ def test_api_key_from_environment(run_cli: RunCli, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("LLMF_TEST_KEY", "s3cret")
         r = run_cli("--url", url, "--api-key-env", "LLMF_TEST_KEY", "--requests", "2")
         assert r.code == 0, r.err
-        assert "Bearer s3cret" in fake.state.authorizations and None not in fake.state.authorizations
+        # every request carries the key but the one probe that must be refused without it
+        assert "Bearer s3cret" in fake.state.authorizations and fake.state.authorizations.count(None) == 1
         assert "s3cret" not in r.out + r.err
 
         monkeypatch.setenv("LLMF_TEST_KEY", "wrong")
@@ -233,7 +234,8 @@ def test_api_key_from_file(run_cli: RunCli, tmp_path: Path) -> None:
         assert r.code == 0, r.err
         r = run_cli("--url", url, "--model", "tiny-llama", "--api-key-file", str(bare), "--requests", "2")
         assert r.code == 0, r.err
-        assert None not in fake.state.authorizations and set(fake.state.authorizations) == {"Bearer s3cret-from-file"}
+        # two runs: every request carries the key but each run's one probe that must be refused without it
+        assert fake.state.authorizations.count(None) == 2 and set(fake.state.authorizations) == {"Bearer s3cret-from-file", None}
         assert "s3cret" not in r.out + r.err
         (tmp_path / "junk").write_text("A=1\nB=2\n")
         r = run_cli("--url", url, "--api-key-file", str(tmp_path / "junk"))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from .. import options_scan
 from ..cli.common import ExitCode, run
 from ..cuda import cuda_build
 from ..errors import LlmfleetError
@@ -89,6 +90,8 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     if need:
         raise LlmfleetError(f"runtime {args.key} is not in {path}: give {', '.join('--' + k for k in need)}")
     fields["engine_version"] = fields.get("engine_version") or fields["version"]
+    if old is not None and fields["engine_version"] != old.vllm_version:
+        fields |= {"engine_options": None, "engine_options_source": None}  # another engine: scanned anew, never carried over
     fields.setdefault("metadata_shim", fields["distribution"] != "vllm")  # a pinned choice is kept
     fields["excluded"] = sorted(set(fields.get("excluded") or []))
     fields["system_packages"] = sorted(set(fields.get("system_packages") or []))
@@ -99,6 +102,13 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     mode = args.mode or ("index" if fields["device"] == "cuda" else "download")
     if mode == "download":
         reqs = resolve_by_download(inputs, wheelhouse_dir(args.key), find_links=args.find_links, pip=args.pip_python, log=say)
+        # the engine's own option list, read from its wheel (engine_args are checked against it)
+        try:
+            scan = options_scan.scan_wheelhouse(wheelhouse_dir(args.key), fields["distribution"], fields["version"])
+        except options_scan.ScanError as exc:
+            raise LlmfleetError(f"runtime {args.key}: cannot read the engine's option list from its wheel: {exc}") from exc
+        if scan is not None:
+            fields |= options_scan.recorded(scan)
     else:
         try:
             reqs = resolve_by_index(inputs)

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"request sent → first byte of the body, covers queueing and prefill (default {d.first_byte:g})",
     )
     to.add_argument("--idle-timeout", type=_positive(float), default=d.idle, metavar="S", help=f"silence mid-body (default {d.idle:g})")
-    to.add_argument("--request-timeout", type=_positive(float), metavar="S", help="cap on one whole request (default none)")
+    to.add_argument(
+        "--request-timeout",
+        type=_positive(float),
+        metavar="S",
+        help="cap on one whole request (default: first-byte timeout + 5 × idle timeout, 600 with the defaults)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help=f"print the JSON envelope ({report.SCHEMA}) instead of tables")

@@ -12,7 +12,13 @@ Every wait is bounded (:class:`Timeouts`):
 * ``first_byte`` request written → first byte of the response *body* (covers queueing and
   prefill: vLLM sends streaming headers at once and the first event after prefill);
 * ``idle``       silence between two reads of the body once it has started;
-* ``total``      optional cap on one whole request.
+* ``total``      cap on one whole request: a server that sends a byte just inside ``idle`` still
+  ends there. When not given it is ``first_byte + 5 × idle`` (600 s with the defaults).
+
+Memory is bounded too: a body that goes to a sink is not kept; a buffered 2xx body is refused past
+``MAX_BUFFERED_BODY``; an error body keeps its first ``MAX_ERROR_BODY`` bytes (enough for the
+message) and the rest is not read (the connection is dropped), so ``concurrency`` failing requests
+hold at most ``concurrency × MAX_ERROR_BODY``.
 
 A failure raises :class:`HttpError` (or a subclass) whose ``str()`` is a one-line reason; the
 connection is then dropped and the next request opens a fresh one.
@@ -35,7 +41,11 @@ USER_AGENT = "llmfleet-verify/1"
 READ_SIZE = 1 << 16
 MAX_HEAD_BYTES = 1 << 16
 MAX_BUFFERED_BODY = 64 << 20
+#: bytes of an error response's body kept (its message); the rest is not read
+MAX_ERROR_BODY = 64 << 10
 MAX_CHUNK_LINE = 4096
+#: without an explicit total, a request may take its first-byte wait and this many idle gaps
+IDLE_GAPS_PER_REQUEST = 5
 
 #: a sink receives decoded body bytes and the perf_counter time of the read that brought them
 BodySink = Callable[[bytes, float], None]
@@ -62,12 +72,21 @@ class _StaleConnection(Exception):
     """A reused keep-alive connection was closed by the server before it answered."""
 
 
+class _BodyCut(Exception):
+    """An error body reached MAX_ERROR_BODY: keep what was read, drop the connection."""
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float = 10.0
     first_byte: float = 300.0
     idle: float = 60.0
     total: float | None = None
+
+    @property
+    def request_total(self) -> float:
+        """The deadline of one whole request: ``total``, else ``first_byte + 5 × idle``."""
+        return self.total if self.total is not None else self.first_byte + IDLE_GAPS_PER_REQUEST * self.idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +373,7 @@ class Connection:
         wd = _Watchdog(loop)
         what = f"{method} {path}"
         try:
-            async with asyncio.timeout(self.timeouts.total) as cm:
+            async with asyncio.timeout(self.timeouts.request_total) as cm:
                 wd.attach(cm)
                 return await self._exchange(wd, method, path, body, content_type, sink, reused)
         except _StaleConnection:
@@ -370,7 +389,7 @@ class Connection:
                     raise HttpTimeout(f"{what}: no response within {limit} s") from None
                 raise HttpTimeout(f"{what}: response stalled, no data for {limit} s") from None
             if cm.expired():
-                raise HttpTimeout(f"{what}: not complete within {seconds(self.timeouts.total or 0)} s") from None
+                raise HttpTimeout(f"{what}: not complete within {seconds(self.timeouts.request_total)} s") from None
             raise HttpError(f"{what}: {exc.strerror or 'timed out'}") from None
         except HttpError:
             self.close()
@@ -446,8 +465,6 @@ class Connection:
             raw = await reader.readuntil(b"\r\n\r\n")
             version, status, reason, headers = _parse_head(raw)
 
-        conn_tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-        keep_alive = version == "HTTP/1.1" and "close" not in conn_tokens
         chunks: list[bytes] = []
         buffered = 0
 
@@ -458,7 +475,39 @@ class Connection:
                 raise ProtocolError(f"{method} {path}: response body larger than {MAX_BUFFERED_BODY} bytes")
             chunks.append(data)
 
-        deliver: BodySink = sink if (sink is not None and status == 200) else buffer
+        def buffer_error(data: bytes, t: float) -> None:
+            nonlocal buffered
+            room = MAX_ERROR_BODY - buffered
+            chunks.append(data[:room])
+            buffered += min(len(data), room)
+            if len(data) > room:
+                raise _BodyCut
+
+        if sink is not None and status == 200:
+            deliver: BodySink = sink
+        else:
+            deliver = buffer if 200 <= status < 300 else buffer_error
+        try:
+            return await self._read_body(wd, reader, method, path, status, reason, headers, version, deliver, chunks)
+        except _BodyCut:
+            self.close()  # the rest of an error body is never read
+            return Response(status, reason, headers, b"".join(chunks))
+
+    async def _read_body(
+        self,
+        wd: _Watchdog,
+        reader: asyncio.StreamReader,
+        method: str,
+        path: str,
+        status: int,
+        reason: str,
+        headers: dict[str, str],
+        version: str,
+        deliver: BodySink,
+        chunks: list[bytes],
+    ) -> Response:
+        conn_tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        keep_alive = version == "HTTP/1.1" and "close" not in conn_tokens
         te = headers.get("transfer-encoding")
         cl = headers.get("content-length")
         started = False

@@ -88,13 +88,16 @@ def dumps(out: Outcome) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write atomically (temp file in the same directory, then rename), mode 0644: a reader never sees half a file."""
+    """Write atomically (temp file in the same directory, then rename), mode 0644: a reader never sees half a file.
+
+    The mode is set on the open file, never by path: verify runs as root, and a writer of the
+    directory could swap the temporary name for a link to another file between the two calls."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+            os.fchmod(f.fileno(), 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -73,6 +73,8 @@ LOAD_SEEDS = (100_000_000, 1_000_000_000)
 #: prompt tokens served from the prefix cache over the load, as a share of all: above this TTFT is flattered
 PREFIX_HIT_WARN = 0.01
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+#: a health probe's whole-request deadline comes this long after its phase limits
+PROBE_TOTAL_MARGIN_S = 0.25
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 
@@ -211,12 +213,22 @@ def _parse_event(data: bytes) -> object:
         raise ProtocolError(f"malformed SSE: invalid JSON in event ({exc}): {data[:60]!r}") from None
 
 
+#: events a completion stream may send beyond one per output token (a final chunk, usage, [DONE], ...)
+STREAM_EVENT_SLACK = 16
+
+
 class _Stream:
-    """Consumes the SSE events of one streaming completion (see the metrics module for definitions)."""
+    """Consumes the SSE events of one streaming completion (see the metrics module for definitions).
 
-    __slots__ = ("done", "finish_reason", "first", "itl", "last", "output_tokens", "prompt_tokens", "usage_seen")
+    A stream sends at most one content event per output token: one that sends more than
+    ``max_tokens + STREAM_EVENT_SLACK`` events is refused at once, so an endless stream costs
+    neither the request's deadline nor memory (its inter-token gaps are kept)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "events", "finish_reason", "first", "itl", "last", "max_events", "output_tokens", "prompt_tokens", "usage_seen")
+
+    def __init__(self, max_tokens: int = 0) -> None:
+        self.max_events = max_tokens + STREAM_EVENT_SLACK
+        self.events = 0
         self.done = False
         self.first: float | None = None
         self.last = 0.0
@@ -230,6 +242,11 @@ class _Stream:
         """The events one read completed (all seen at time ``t``); the hot loop of a load."""
         itl = self.itl
         scan = _scan
+        self.events += len(events)
+        if self.events > self.max_events:
+            raise ProtocolError(
+                f"stream sent more events than {self.max_events} (max_tokens {self.max_events - STREAM_EVENT_SLACK} + {STREAM_EVENT_SLACK})"
+            )
         for data in events:
             if self.done:
                 raise ProtocolError("malformed SSE: event after [DONE]")
@@ -283,7 +300,7 @@ async def stream_completion(conn: Connection, model: str, prompt: str, max_token
             "stream_options": {"include_usage": True},
         }
     ).encode()
-    st = _Stream()
+    st = _Stream(max_tokens)
     parser = SseParser(on_batch=st.on_events)
     sent = time.perf_counter()
     try:
@@ -466,9 +483,13 @@ class _Run:
         base = self.config.timeouts
         delay = 0.2
         while True:
-            # each probe's limits are capped by the time left (at least 0.5 s: a zero wait still probes once)
+            # each probe's limits are capped by the time left (at least 0.5 s: a zero wait still probes once),
+            # the whole probe too (a moment later, so a silent server is named by its phase): a body that
+            # trickles inside the idle timeout must not outlive the wait
             remaining = max(deadline - loop.time(), 0.5)
-            probe = Timeouts(min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining))
+            probe = Timeouts(
+                min(base.connect, remaining), min(base.first_byte, remaining), min(base.idle, remaining), remaining + PROBE_TOTAL_MARGIN_S
+            )
             conn = self._connection(probe)
             try:
                 resp = await conn.request("GET", "/health")
@@ -559,6 +580,24 @@ class _Run:
             return
         self.check(Check("model_revision", served, f"= {want}", Verdict.FAIL, "", "another model directory than the plan's"))
         raise VerifyError(f"wrong model revision: server serves {served}, the plan's ({rev}store path) is {want}")
+
+    async def check_key_required(self) -> None:
+        """With a key to send, the instance is one that requires it: a request without it must be refused
+        (an exposed instance that came back without its key answers everyone)."""
+        if "Authorization" not in self.headers:
+            return
+        conn = Connection(self.endpoint, self.config.timeouts)  # no Authorization header
+        try:
+            resp = await conn.request("GET", "/v1/models")
+        except HttpError as exc:
+            raise VerifyError(f"GET /v1/models without the API key: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status in (401, 403):
+            self.check(Check("api_key_required", resp.status, "401 or 403", Verdict.PASS, "", "a request without the key is refused"))
+        else:
+            why = f"answered GET /v1/models without the API key (HTTP {resp.status}): the instance does not require its key"
+            self.check(Check("api_key_required", resp.status, "401 or 403", Verdict.FAIL, "", why))
 
     # -- 3. metrics -----------------------------------------------------------------------------
 
@@ -1074,6 +1113,7 @@ async def run(config: VerifyConfig, progress: Progress | None = None) -> Outcome
     try:
         await r.wait_ready()
         mml = await r.check_models()
+        await r.check_key_required()
         r.check_kv_cache(await r.scrape())
         await r.context_probe(mml)
         await r.context_ladder(mml)

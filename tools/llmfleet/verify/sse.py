@@ -17,7 +17,9 @@ EventSink = Callable[[bytes, float], None]
 #: receives the data of every event one read completed, in order, and the time of that read
 BatchSink = Callable[[list[bytes], float], None]
 
-MAX_EVENT_BYTES = 16 << 20
+#: an event (or a line without its end) larger than this is refused: a stream cannot make a
+#: connection hold more (vLLM's completion events are a few hundred bytes)
+MAX_EVENT_BYTES = 1 << 20
 
 
 class SseParser:
@@ -52,7 +54,7 @@ class SseParser:
         events = data.split(b"\n\n")
         self._tail = events.pop()
         if len(self._tail) > MAX_EVENT_BYTES:
-            raise ProtocolError("event stream: event larger than 16 MiB")
+            raise ProtocolError(f"event stream: event larger than {MAX_EVENT_BYTES >> 20} MiB")
         out: list[bytes] = []
         for ev in events:
             if ev[:6] == b"data: " and b"\n" not in ev:
@@ -66,7 +68,7 @@ class SseParser:
         lines = data.split(b"\n")
         self._tail = lines.pop()
         if len(self._tail) > MAX_EVENT_BYTES:
-            raise ProtocolError("event stream: line longer than 16 MiB")
+            raise ProtocolError(f"event stream: line longer than {MAX_EVENT_BYTES >> 20} MiB")
         out = self._lines(lines)
         if out:
             self._on_batch(out, t)
@@ -89,7 +91,7 @@ class SseParser:
                     value = value[1:]
                 self._size += len(value)
                 if self._size > MAX_EVENT_BYTES:
-                    raise ProtocolError("event stream: event larger than 16 MiB")
+                    raise ProtocolError(f"event stream: event larger than {MAX_EVENT_BYTES >> 20} MiB")
                 self._data.append(value)
             elif line == b"data":
                 self._data.append(b"")
