@@ -100,7 +100,8 @@ def main() -> int:
                      f"({(sent - total) / shard:.1%} of one shard)"))
         shutil.rmtree(work / "hf", ignore_errors=True)
     width = max(len(k) for k, _ in rows)
-    print(f"test hub on loopback, {args.shards} shards x {args.shard_mib} MiB" + (f", {args.rate:.0f} MiB/s per connection" if args.rate else ""))
+    rate = f", {args.rate:.0f} MiB/s per connection" if args.rate else ""
+    print(f"test hub on loopback, {args.shards} shards x {args.shard_mib} MiB{rate}")
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0

@@ -202,7 +202,8 @@ def test_syntax_check_every_entry_point(tmp_path):
     path = tmp_path / "play.yml"
     path.write_text(yaml.safe_dump(play, sort_keys=False), encoding="utf-8")
     cfg = tmp_path / "ansible.cfg"
-    cfg.write_text(f"[defaults]\nroles_path = {ROLES_DIR}\nlocal_tmp = {tmp_path}\n", encoding="utf-8")
+    # the project's own modules (library/, as ansible.cfg and molecule configure it)
+    cfg.write_text(f"[defaults]\nroles_path = {ROLES_DIR}\nlibrary = {REPO / 'library'}\nlocal_tmp = {tmp_path}\n", encoding="utf-8")
     env = os.environ | {"ANSIBLE_CONFIG": str(cfg)}
     result = subprocess.run(
         [_ansible_playbook(), "--syntax-check", "-i", "localhost,", str(path)],

@@ -860,9 +860,18 @@ def _remove_cgroup(cgroup: Path) -> None:
             time.sleep(0.1)
 
 
+def _cgroup_pids(cgroup: Path) -> list[str]:
+    """The processes of a cgroup; none when the cgroup is gone (the container's systemd removes its own
+    cgroups while it halts, racing this cleanup)."""
+    try:
+        return (cgroup / "cgroup.procs").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
 def _empty_cgroup(cgroup: Path) -> None:
     deadline = time.monotonic() + KILL_WAIT_S
-    while pids := (cgroup / "cgroup.procs").read_text().split():
+    while pids := _cgroup_pids(cgroup):
         if time.monotonic() > deadline:
             raise LabError(f"{cgroup}: processes {' '.join(pids)} survived SIGKILL; remove the cgroup by hand")
         for pid in pids:
