@@ -744,6 +744,16 @@ def test_cli_json_and_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     assert drift_cli.main(["-i", "inventory/lab", "-l", "lab1", "--json"]) == 0
 
 
+def test_cli_says_what_it_checks_while_it_works(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], planned: dict[str, str]
+) -> None:
+    monkeypatch.setattr(fleet_drift, "run_ansible", canned({h: module_ok(planned[h]) for h in planned}))
+    assert drift_cli.main(["-i", "inventory/lab", "-l", "lab1", "--json", "--no-hash"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "drift: checking the hosts of inventory/lab -l lab1 (sizes and change times of the store)…"
+    assert err[-1].startswith("drift: checking the hosts of inventory/lab -l lab1 (sizes and change times of the store): done in ")
+
+
 def test_cli_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], planned: dict[str, str]) -> None:
     edited = {"what": "file-changed", "path": "/var/lib/llmfleet/generations/x/instances/tiny/env", "message": "env changed"}
     results = {"lab1": module_ok(planned["lab1"]), "lab2": module_ok(planned["lab2"], [edited])}

@@ -39,7 +39,8 @@ def load_inventory(source: str | Path, limit: str | None = None) -> dict[str, di
     variables = VariableManager(loader=loader, inventory=inventory)
     hosts = inventory.get_hosts(pattern=limit or "all")
     if limit and not hosts:
-        raise InputError(f"--host {limit} matches no host of {source} (hosts: {', '.join(sorted(h.name for h in inventory.get_hosts()))})")
+        known = ", ".join(sorted(h.name for h in inventory.get_hosts()))
+        raise InputError(f"-l/--limit {limit} matches no host of {source} (hosts: {known})")
     result: dict[str, dict[str, Any]] = {}
     for host in hosts:
         hv = variables.get_vars(host=host, include_hostvars=False)
