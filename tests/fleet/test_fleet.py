@@ -98,8 +98,9 @@ def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
             assert summary["verify"] == "skipped" and not summary.get("switched")
     for host in HOSTS:
         assert not full.host_summary(host)["converged"] and run.host_summary(host)["converged"]
-    # the least work that proves it: the plan, one probe of the host, the report (validate's plan is the first)
-    assert all(c["ok"] <= 4 for c in recap(run).values()), recap(run)
+    # the least work that proves it: validate's plan, the include of the rollout's plan, one probe of the host,
+    # the decision, the report (ok=5); every stage is ~80
+    assert all(c["ok"] <= 5 for c in recap(run).values()), recap(run)
     assert all(c["ok"] > 40 for c in recap(full).values()), recap(full)
     FIGURES["no-change rollout of the converged fleet (batches 1, 25 %, 100 %), s"] = round(run.wall_s, 1)
     FIGURES["no-change rollout, per host, s"] = per_host_seconds(run)
