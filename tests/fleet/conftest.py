@@ -171,7 +171,12 @@ while True:
 
 
 class Downtime:
-    """Polls a host's /health every 20 ms from inside its network namespace; the longest time it was not 200."""
+    """Polls a host's /health every 20 ms from inside its network namespace; the longest time it was not 200.
+
+    ``restarted`` (after :meth:`stop`): the poller saw the instance answer 200, stop answering and
+    answer 200 again. A downtime of 0.0 alone cannot tell a restart that was never made from one
+    too quick to see; a restart of vLLM takes seconds, so a real one is always seen.
+    """
 
     def __init__(self, host: str, port: int = 8000) -> None:
         self.proc = subprocess.Popen(
@@ -179,6 +184,7 @@ class Downtime:
             stdout=subprocess.PIPE, text=True,
         )
         self.events: list[tuple[float, bool]] = []
+        self.restarted = False
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         deadline = time.monotonic() + 10
@@ -204,6 +210,8 @@ class Downtime:
                 longest, down_since = max(longest, t - down_since), None
         if down_since is not None:
             longest = max(longest, end - down_since)
+        states = [ok for _, ok in self.events]
+        self.restarted = bool(states) and states[0] and states[-1] and False in states
         return round(longest, 2)
 
 
@@ -333,3 +341,47 @@ def assert_serving(hosts: Sequence[str], generation: dict[str, str] | str) -> No
         want = generation if isinstance(generation, str) else generation[host]
         assert current(host) == want, f"{host} runs {current(host)}, expected {want}"
         assert health(host) == 200, f"{host} does not answer /health with 200"
+
+
+@dataclass(frozen=True)
+class Served:
+    """The process systemd runs for an instance: what a switch or a rollback has to replace."""
+
+    pid: int
+    #: when systemd started it, CLOCK_MONOTONIC seconds: the lab hosts are containers on the control
+    #: node's kernel, so this compares with ``time.monotonic()`` taken here
+    started: float
+    #: systemd's NRestarts: starts it made on its own (``Restart=always`` after an exit) since the
+    #: unit was last reset (``systemctl reset-failed``, which a switch and a rollback run first)
+    restarts: int
+    argv: list[str]
+
+
+def served_process(host: str, instance: str = "tiny") -> Served:
+    unit = f"llmfleet-vllm@{instance}.service"
+    props = dict(
+        line.split("=", 1)
+        for line in ssh(host, f"systemctl show -p MainPID -p ExecMainStartTimestampMonotonic -p NRestarts -- {unit}").splitlines()
+        if "=" in line
+    )
+    pid = int(props["MainPID"])
+    assert pid > 0, f"{unit} on {host} has no main process: {props}"
+    argv = ssh(host, f"cat /proc/{pid}/cmdline").split("\0")
+    if argv[-1:] == [""]:
+        argv.pop()
+    return Served(pid, int(props["ExecMainStartTimestampMonotonic"]) / 1e6, int(props["NRestarts"]), argv)
+
+
+def assert_restarted_into(host: str, plan: dict[str, Any], before: Served, began: float, watch: Downtime) -> Served:
+    """What the host serves now is the plan's generation, from a process started after ``began``
+    (not ``before``, the one that served when the run began), and the poller saw it go and come back."""
+    inst = plan["instances"][0]
+    after = served_process(host, inst["name"])
+    gen = plan["generation"]
+    assert after.argv == inst["argv"], f"{host}'s {inst['unit']} runs {after.argv}, not generation {gen}'s argv {inst['argv']}"
+    want_root = plan["models"][inst["model"]]["store_path"]
+    assert served_root(host) == want_root, f"{host} serves {served_root(host)}, not generation {gen}'s model {want_root}"
+    assert after.pid != before.pid, f"{host} still runs process {before.pid}, which served before the run"
+    assert after.started > began, f"{host}'s process {after.pid} started {began - after.started:.1f} s before the run began"
+    assert watch.restarted, f"the /health poller of {host} never saw the instance go down and come back: {watch.events}"
+    return after

@@ -31,7 +31,9 @@ from .conftest import (
     Downtime,
     Run,
     Variant,
+    assert_restarted_into,
     assert_serving,
+    current,
     edit_json,
     env,
     generations,
@@ -40,6 +42,7 @@ from .conftest import (
     hub_variant,
     machine_path,
     playbook,
+    served_process,
     served_root,
     ssh,
     variant,
@@ -49,9 +52,14 @@ pytestmark = pytest.mark.fleet
 
 STATE: dict[str, Any] = {}
 RECAP = re.compile(r"^(fl\d)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+TASK = re.compile(r"^TASK \[(?:[\w.]+ : )?(.+?)\] \*+$")
+STATUS = re.compile(r"^(ok|changed|skipping|fatal|failed): \[(fl\d)\]")
+#: the task of roles/vllm_service that points `current` at a generation (the switch)
+SWITCH_TASK = "Service | Point current at the generation"
 
 
-def planned(lock: Path | None = None, inventory: Path = INVENTORY) -> dict[str, str]:
+def plans(lock: Path | None = None, inventory: Path = INVENTORY) -> dict[str, dict[str, Any]]:
+    """What the control node plans for each host (tools/plan.py), independent of what the hosts hold."""
     extra = {"LLMFLEET_LOCK": str(lock)} if lock else {}
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "plan.py"), "-i", str(inventory), "--json"],
@@ -59,7 +67,11 @@ def planned(lock: Path | None = None, inventory: Path = INVENTORY) -> dict[str, 
     )
     doc = json.loads(proc.stdout)
     assert doc["ok"], doc
-    return {host: plan["generation"] for host, plan in doc["plans"].items()}
+    return dict(doc["plans"])
+
+
+def planned(lock: Path | None = None, inventory: Path = INVENTORY) -> dict[str, str]:
+    return {host: plan["generation"] for host, plan in plans(lock, inventory).items()}
 
 
 def recap(run: Run) -> dict[str, dict[str, int]]:
@@ -109,11 +121,47 @@ def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
     FIGURES["no-change rollout, tasks ok per host: fast path / every stage"] = f"{recap(run)['fl1']['ok']} / {recap(full)['fl1']['ok']}"
 
 
+def task_statuses(run: Run, task: str) -> dict[str, str]:
+    """host -> what the default callback printed for ``task`` (ok, changed, skipping, fatal): a loop's
+    changed item wins over its ok ones; a task run again for the same host keeps the last run."""
+    out: dict[str, str] = {}
+    name, seen = "", {}
+    for line in run.output.splitlines():
+        m = TASK.match(line)
+        if m:
+            name, seen = m.group(1), {}
+            continue
+        m = STATUS.match(line)
+        if m and name == task:
+            status, host = m.groups()
+            seen[host] = "changed" if "changed" in (status, seen.get(host)) else status
+            out[host] = seen[host]
+    return out
+
+
 def test_check_diff_on_the_converged_fleet_reports_no_change() -> None:
     # every stage in check mode (the fast path would end each host after its probe: no_change covers it)
     run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}', "-e", "rollout_fast_path=false")
     assert run.rc == 0, run.failures()
     assert all(c["changed"] == 0 for c in recap(run).values()), recap(run)
+    # no change because nothing would change, not because check mode skipped the stages
+    assert task_statuses(run, SWITCH_TASK) == dict.fromkeys(HOSTS, "ok"), task_statuses(run, SWITCH_TASK)
+
+
+def test_check_diff_of_a_pin_change_reports_the_switch_and_touches_nothing(scratch: Path) -> None:
+    v = variant(scratch, "c1", lambda d: edit_json(d / "generation_config.json", top_k=3))
+    target = planned(v.lock)
+    before = {h: (current(h), generations(h), served_process(h).pid) for h in HOSTS}
+    run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}', *v.extra_vars(), lock=v.lock)
+    assert run.rc == 0, run.failures()
+    assert task_statuses(run, SWITCH_TASK) == dict.fromkeys(HOSTS, "changed"), task_statuses(run, SWITCH_TASK)
+    assert all(c["changed"] >= 1 and c["failed"] == 0 for c in recap(run).values()), recap(run)
+    for host in HOSTS:
+        assert run.host_summary(host)["generation_after"] == target[host]
+        assert (current(host), generations(host), served_process(host).pid) == before[host], f"check mode changed {host}"
+        assert not machine_path(host, v.store_path()).exists()
+        assert not machine_path(host, v.store_path() + ".partial").exists()
+        assert health(host) == 200
 
 
 def drift(*args: str) -> tuple[int, dict[str, Any]]:
@@ -265,28 +313,47 @@ def test_a_good_pin_change_reaches_every_host_batch_by_batch(scratch: Path, hub:
     FIGURES["switch downtime of fl3 (restart of its instance), s"] = down
 
 
-def test_manual_rollback_serves_the_previous_generation_and_its_downtime_is_measured() -> None:
+def test_manual_rollback_restarts_fl2_into_the_previous_generation() -> None:
+    """Not only the pointer and the history: the process that serves is G0's, started by the rollback."""
+    g0 = plans()["fl2"]  # the lock's pin, as the control node plans it
+    assert g0["generation"] == STATE["G0"]["fl2"]
+    before = served_process("fl2")
+    assert before.argv != g0["instances"][0]["argv"], "fl2 already runs G0's argv: the scenario before did not switch it"
+    began = time.monotonic()
     watch = Downtime("fl2")
     run = playbook("playbooks/rollback.yml", "-l", "fl2")
     down = watch.stop()
     assert run.rc == 0, run.failures()
     assert_serving(["fl2"], STATE["G0"])
     assert history("fl2")[-1]["reason"].startswith("manual rollback")
+    assert_restarted_into("fl2", g0, before, began, watch)
+    rc, doc = drift("-l", "fl2")
+    assert rc == 0 and not doc["hosts"]["fl2"]["drift"], doc["hosts"]["fl2"]
     FIGURES["manual rollback downtime of fl2 (G2 -> G0), s"] = down
     FIGURES["manual rollback wall time (playbooks/rollback.yml -l fl2), s"] = round(run.wall_s, 1)
 
+
+def test_a_rollout_after_the_manual_rollback_brings_fl2_forward_again() -> None:
     v: Variant = STATE["v2"]
+    g2 = plans(v.lock)["fl2"]
+    before = served_process("fl2")
+    began = time.monotonic()
     watch = Downtime("fl2")
     run = playbook("site.yml", "-l", "fl2", *v.extra_vars(), lock=v.lock)
     down = watch.stop()
     assert run.rc == 0, run.failures()
     assert_serving(["fl2"], STATE["G2"])
+    assert_restarted_into("fl2", g2, before, began, watch)
     FIGURES["switch downtime of fl2 (G0 -> G2 by site.yml), s"] = down
 
 
 def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scratch: Path) -> None:
     v = variant(scratch, "broken", lambda d: edit_json(d / "config.json", hidden_size=256))
     broken = planned(v.lock)
+    v2: Variant = STATE["v2"]
+    g2 = plans(v2.lock)["fl1"]
+    before = served_process("fl1")
+    began = time.monotonic()
     watch = Downtime("fl1")
     run = playbook("site.yml", *v.extra_vars(), lock=v.lock)
     down = watch.stop()
@@ -302,6 +369,16 @@ def test_a_pin_that_breaks_start_up_stops_at_the_canary_which_is_rolled_back(scr
         assert run.host_summary(host)["status"] == "not reached"
     canary = run.host_summary("fl1")
     assert canary["rolled_back"] and canary["rolled_back_to"] == STATE["G2"]["fl1"] and canary["status"] == "failed"
+    # The rollback itself restarted G2: systemd's Restart=always would also bring the crashed instance
+    # back into whatever `current` points to, but counts that start in NRestarts (the switch and
+    # the rollback reset the count before their own restart).
+    after = assert_restarted_into("fl1", g2, before, began, watch)
+    assert after.restarts == 0, (
+        f"fl1 serves G2 from a start systemd made on its own after an exit (NRestarts {after.restarts}), "
+        "not from the rollback's restart"
+    )
+    rc, doc = drift("--lock", str(v2.lock), "-l", "fl1")
+    assert rc == 0 and not doc["hosts"]["fl1"]["drift"], doc["hosts"]["fl1"]
     FIGURES["broken pin: canary fl1 down, from the switch until rolled back and healthy, s"] = down
     FIGURES["broken pin: the whole run (stopped after the canary), s"] = round(run.wall_s, 1)
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from llmfleet import capacity as cap
 from llmfleet.pins import ArchFacts, load_lock
+from llmfleet.rules import Layout, engine_behaviour, load_rulebook
+from llmfleet.spec import HardwareProfile
 
 LOCK = load_lock()
+CATALOG = Path(__file__).resolve().parents[2] / "tools" / "llmfleet" / "catalog"
+HARDWARE = yaml.safe_load((CATALOG / "hardware.yml").read_text())
+BOOK = load_rulebook()
 GiB = 1 << 30
 
 TINY = ArchFacts(
@@ -24,14 +32,36 @@ TINY = ArchFacts(
     torch_dtype="bfloat16",
 )
 
-CPU_032 = cap.EngineBehaviour(
-    block_size=128, gpu_memory_utilization=0.92, max_num_batched_tokens=2048, token_formula="label",
-    null_block_reserved=True, activation_reserve_bytes=0,
-)
-CUDA_019 = cap.EngineBehaviour(
-    block_size=16, gpu_memory_utilization=0.9, max_num_batched_tokens=2048, token_formula="log",
-    null_block_reserved=False, activation_reserve_bytes=2 * GiB,
-)
+
+def behaviour(engine_version: str, hw: str, **engine_args: Any) -> cap.EngineBehaviour:
+    """The engine behaviour the evaluator uses: catalog/rules.yml's entry for this version on this
+    hardware profile (not one written for the test)."""
+    lay = Layout(tp=1, pp=1, gpus=(0,), max_model_len=2048, engine_args=tuple(sorted(engine_args.items())))
+    return engine_behaviour(BOOK, engine_version, HardwareProfile.model_validate(HARDWARE[hw]), lay, TINY)
+
+
+CPU_032 = behaviour("0.32.0", "lab-cpu")
+CUDA_019 = behaviour("0.19.0", "xr7620-4xl4")
+CUDA_026 = behaviour("0.26.0", "xr7620-4xl4")
+
+
+def test_rulebook_behaviours_are_the_versions_own() -> None:
+    # vllm 0.32.0 CPU: block 128, util 0.92, kv_cache_size_tokens label, null block held back
+    assert (CPU_032.block_size, CPU_032.gpu_memory_utilization, CPU_032.token_formula, CPU_032.null_block_reserved) == (
+        128,
+        0.92,
+        "label",
+        True,
+    )
+    # vllm 0.19.0 on an L4 (< 70 GiB): block 16, util 0.9, 2048 tokens and 256 sequences per batch
+    assert (CUDA_019.block_size, CUDA_019.gpu_memory_utilization, CUDA_019.max_num_batched_tokens, CUDA_019.max_num_seqs) == (
+        16,
+        0.9,
+        2048,
+        256,
+    )
+    assert CUDA_019.cuda is not None and not CUDA_019.cuda.measured and CUDA_019.cuda.cudagraph_in_budget == "never"
+    assert CUDA_026.cuda is not None and CUDA_026.cuda.measured and CUDA_026.gpu_memory_utilization == 0.92
 
 
 def facts(key: str) -> ArchFacts:
@@ -39,9 +69,7 @@ def facts(key: str) -> ArchFacts:
 
 
 def cpu(f: ArchFacts = TINY, tp: int = 1, pp: int = 1, max_len: int = 2048, kv: int = 1 << 28, **kw: Any) -> dict[str, Any]:
-    return cap.plan_capacity(
-        cap.CapacityInput(f, None, tp, pp, max_len, "cpu", 4 * GiB, 10.0, CPU_032, kv_cache_memory_bytes=kv, **kw)
-    )
+    return cap.plan_capacity(cap.CapacityInput(f, None, tp, pp, max_len, "cpu", 4 * GiB, 10.0, CPU_032, kv_cache_memory_bytes=kv, **kw))
 
 
 def test_cpu_kv_blocks_and_tokens_tp1() -> None:
@@ -83,9 +111,7 @@ def test_log_formula_and_fp32_kv_and_fp8_kv() -> None:
     forced = cpu(f32, dtype="float32")
     assert forced["kv"]["dtype"] == "float32" and forced["kv"]["num_blocks"] == 2048
     assert cpu(kv_cache_dtype="fp8")["kv"]["num_blocks"] == 8192
-    old = cap.plan_capacity(
-        cap.CapacityInput(TINY, None, 1, 1, 2000, "cpu", 4 * GiB, 10.0, CUDA_019, kv_cache_memory_bytes=1 << 28)
-    )
+    old = cap.plan_capacity(cap.CapacityInput(TINY, None, 1, 1, 2000, "cpu", 4 * GiB, 10.0, CUDA_019, kv_cache_memory_bytes=1 << 28))
     # 0.19 logs num_blocks // groups × block size: 16 B blocks here (CUDA_019 block 16): 256 MiB // (2 × 16 × 256) = 32768
     assert old["kv"]["num_blocks"] == 32768 and old["kv"]["tokens"] == 32768 * 16
 
@@ -132,10 +158,29 @@ def test_nvfp4_is_four_bits_plus_an_fp8_scale_per_16() -> None:
     assert stages[0].detail["embedding"] == 1000 * 128 * 2  # embeddings stay in the model dtype
 
 
-def test_gpu_kv_memory_is_utilisation_minus_weights_minus_reserve() -> None:
-    c = cap.plan_capacity(cap.CapacityInput(TINY, None, 1, 1, 2048, "cuda", 24 * GiB, 300.0, CUDA_019, gpu_memory_utilization=0.5))
-    assert c["memory"]["requested_bytes"] == 12 * GiB
-    assert c["memory"]["kv_bytes_per_worker"] == [12 * GiB - 551552 * 2 - 2 * GiB]
+def test_gpu_kv_memory_is_vllms_accounting_by_hand() -> None:
+    # vllm 0.26.0 determine_available_memory with the rulebook's figures for that version:
+    # requested = ceil((24 GiB − reserve) × 0.5); weights as loaded = 551552 params × 2 B × (1 + bf16
+    # overhead) + rotary cache 4096 positions × head 32 × 2 B; peak activation = the larger of the
+    # forward pass (T 2048 × 2 B × (4 × 256 + 2 × 128)) and the sampling pass (2048 logit rows ×
+    # vocab 1000 × 4 + 2 × 2048 × 128 × 2 B) plus the margin; non-torch at tp 1
+    m = CUDA_026.cuda
+    assert m is not None
+    c = cap.plan_capacity(cap.CapacityInput(TINY, None, 1, 1, 2048, "cuda", 24 * GiB, 300.0, CUDA_026, gpu_memory_utilization=0.5))
+    requested = math.ceil((24 * GiB - m.cuda_reserved_bytes["default"]) * 0.5)
+    loaded = int(551552 * 2 * (1 + m.load_overhead["bf16"])) + 4096 * 32 * 2
+    act = max(2048 * 2 * (4 * 256 + 2 * 128), 2048 * 1000 * 4 + 2 * 2048 * 128 * 2) + m.margin_bytes
+    assert c["memory"]["requested_bytes"] == requested
+    assert c["memory"]["kv_bytes_per_worker"] == [requested - loaded - act - m.non_torch_bytes]
+    # dense model, vLLM 0.26.0: the V2 runner captures CUDA graphs outside the budget
+    assert c["memory"]["cudagraph_in_budget_bytes"] == 0
+    # a MoE model runs the V1 runner, whose CUDA-graph estimate comes out of the budget; eager has none
+    moe = TINY.model_copy(update={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64})
+    g = cap.plan_capacity(cap.CapacityInput(moe, None, 1, 1, 2048, "cuda", 24 * GiB, 300.0, CUDA_026, gpu_memory_utilization=0.5))
+    assert g["memory"]["cudagraph_in_budget_bytes"] == m.cudagraph_estimate_bytes and g["kv"]["estimate"]
+    eager = behaviour("0.26.0", "xr7620-4xl4", enforce_eager=True)
+    e = cap.plan_capacity(cap.CapacityInput(moe, None, 1, 1, 2048, "cuda", 24 * GiB, 300.0, eager, gpu_memory_utilization=0.5))
+    assert e["memory"]["cudagraph_in_budget_bytes"] == 0
 
 
 def test_decode_bound_by_hand() -> None:
@@ -212,9 +257,7 @@ def test_gemma4_nvfp4_keeps_attention_bf16() -> None:
     assert qkv_global.n == (16 + 2 * 2) * 512  # 32/2 q heads + K and V of 4/2 global KV heads, head 512
 
 
-@pytest.mark.parametrize(
-    ("quant", "fmt"), [(None, "bf16"), ("NVFP4", "nvfp4"), ("modelopt_fp4", "nvfp4"), ("fp8", "fp8"), ("awq", "int4")]
-)
+@pytest.mark.parametrize(("quant", "fmt"), [(None, "bf16"), ("NVFP4", "nvfp4"), ("modelopt_fp4", "nvfp4"), ("fp8", "fp8"), ("awq", "int4")])
 def test_weight_format_names(quant: str | None, fmt: str) -> None:
     assert cap.weight_format(quant, "bfloat16") == fmt
 

@@ -347,8 +347,14 @@ def test_plan_carries_rules_and_capacity_and_stays_a_value() -> None:
 
 
 def test_capacity_refusal_names_the_largest_length() -> None:
+    # Gemma 4 on vLLM 0.19.0: one group of full-attention layers with 32-token blocks and five
+    # sliding groups that hold cdiv(min(1023 + 2048, L), 16) + 1 blocks each (965 for any L above
+    # 3071), no null block held back: the largest L is 32 × (blocks − 965), blocks as planned
+    plan = evaluate_host("edge", {**host(GEMMA, 2, 1, V019, 8192)}, FIELD)
+    blocks = plan["instances"][0]["capacity"]["kv"]["num_blocks"]
     errors = refused(host(GEMMA, 2, 1, V019, 262144))
-    assert any("(m).max_model_len = 262144" in e and "max_model_len at most 125088" in e for e in errors)
+    largest = 32 * (blocks - 5 * (-(-(1023 + 2048) // 16) + 1))
+    assert any("(m).max_model_len = 262144" in e and f"max_model_len at most {largest}" in e for e in errors)
 
 
 def test_unknown_check_becomes_a_warning_not_a_refusal() -> None:

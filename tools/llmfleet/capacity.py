@@ -331,8 +331,9 @@ def stage_weights(f: ArchFacts, fmt: str, tp: int, pp: int) -> list[StageWeights
             read += lm + f.hidden_size * model_bytes
             detail["other"] += f.hidden_size * model_bytes  # final norm
         if f.extra_params:
-            # vision/audio towers: built on every stage, sharded over TP (estimate), not read in text decode
-            detail["extra"] = f.extra_params // tp * model_bytes
+            # vision/audio towers: built whole on every GPU (vLLM 0.26 gemma4_mm.py builds the tower with
+            # transformers' AutoModel: no tensor-parallel layers), not read in text decode
+            detail["extra"] = f.extra_params * model_bytes
         total = int(sum(detail.values()))
         stages.append(StageWeights(s, layers, total, int(read), {k: int(v) for k, v in detail.items()}))
     return stages
@@ -506,15 +507,46 @@ def worker_bytes_per_block(plan: KVPlan, specs: list[LayerKV], stage_layers: ran
 
 
 @dataclass(frozen=True)
+class CudaMemory:
+    """How one vLLM version sizes the KV cache on a CUDA GPU (catalog/rules.yml ``capacity.cuda``).
+
+    vLLM's worker (``determine_available_memory``): requested = ceil(CUDA-visible total ×
+    gpu_memory_utilization); KV = requested − weights as loaded − peak activation of the profile
+    run − non-torch memory − (the CUDA-graph estimate, where the version and model runner put it
+    inside the budget). Each figure here either was captured from that version on a GPU
+    (``measured``) or is an estimate that errs towards less KV.
+    """
+
+    measured: bool  # the activation/non-torch/load figures come from captures of this version
+    reference: str
+    #: NVML's total minus what CUDA reports as total, per device model; ``default`` for others
+    cuda_reserved_bytes: dict[str, int]
+    non_torch_bytes: int  # one GPU (CUDA context, cuBLAS workspaces, ...)
+    non_torch_per_peer_bytes: int  # each further rank of the TP/PP group (NCCL, all-reduce buffers): estimate
+    #: rows of float32 logits in the profile run's sampling pass; 0: max_num_seqs rows
+    logits_rows: int
+    #: weights as loaded over the checkpoint arithmetic, by weight format (repacking, padding)
+    load_overhead: dict[str, float]
+    #: "never" (graphs are captured after the KV cache, from memory outside the request) or
+    #: "v1_runner" (the V1 model runner estimates them first and takes them from the budget)
+    cudagraph_in_budget: str
+    cudagraph_estimate_bytes: int  # used where the graphs come out of the budget: estimate
+    margin_bytes: int  # rounding of the profiler, taken off the KV memory
+
+
+@dataclass(frozen=True)
 class EngineBehaviour:
     """What differs between vLLM versions for the arithmetic (from catalog/rules.yml ``capacity``)."""
 
     block_size: int
     gpu_memory_utilization: float
     max_num_batched_tokens: int
-    token_formula: str  # "label" (kv_cache_size_tokens, 0.32+) or "log" (num_blocks // groups × min block)
+    token_formula: str  # "label" (kv_cache_size_tokens, 0.26+) or "log" (num_blocks // groups × min block)
     null_block_reserved: bool
-    activation_reserve_bytes: int
+    cuda: CudaMemory | None = None  # None: no CUDA accounting (CPU, or a fixed kv_cache_memory_bytes)
+    max_num_seqs: int = 256
+    enforce_eager: bool = False
+    device_model: str = ""
 
 
 @dataclass
@@ -561,9 +593,7 @@ def supported_model_dtypes(accelerator: str, compute_capability: str | None = No
     return ["bfloat16", "float16", "float32"]
 
 
-def resolve_model_dtype(
-    config_dtype: str | None, dtype: str, accelerator: str, compute_capability: str | None = None
-) -> tuple[str, str]:
+def resolve_model_dtype(config_dtype: str | None, dtype: str, accelerator: str, compute_capability: str | None = None) -> tuple[str, str]:
     """The dtype vLLM runs the model (and, with ``--kv-cache-dtype auto``, its KV cache) in, and why.
 
     ``vllm/config/model.py`` ``_get_and_verify_dtype`` / ``_resolve_auto_dtype`` (0.19.0 and
@@ -591,6 +621,155 @@ def _resolve_kv_dtype(ci: CapacityInput, model_dtype: str) -> tuple[str, str]:
     if ci.facts.kv_cache_dtype:
         return ci.facts.kv_cache_dtype, "the checkpoint's KV cache scheme (vLLM resolves 'auto' to it)"
     return model_dtype, "'auto' = the model dtype"
+
+
+def rope_cache_bytes(f: ArchFacts) -> int:
+    """The rotary embedding's cos/sin cache vLLM builds at load: max_position_embeddings × head size
+    in the model dtype, one per distinct head size (``get_rope``; captured on 0.26: 16 MiB for a
+    64-wide head at 131072 positions)."""
+    sizes = {f.head_dim or f.hidden_size // f.num_attention_heads}
+    if f.global_head_dim:
+        sizes.add(f.global_head_dim)
+    return sum(f.max_position_embeddings * d * int(dtype_bytes(f.torch_dtype or BF16)) for d in sizes)
+
+
+def _vision(f: ArchFacts) -> dict[str, int] | None:
+    extra = f.model_extra or {}
+    v = extra.get("vision")
+    return v if isinstance(v, dict) else None
+
+
+def activation_terms(ci: CapacityInput, f: ArchFacts, last_stage: bool) -> tuple[int, list[str], bool]:
+    """Peak activation of vLLM's profile run on one worker, and how it was reached.
+
+    The profile run is one forward pass of ``max_num_batched_tokens`` tokens, then a sampling pass
+    over float32 logits (``_dummy_run`` + ``_dummy_sampler_run``); the torch peak over both, above
+    what was allocated before, is the figure. Modelled as the larger of
+    - the forward pass: T × dtype × (4 × MLP width per rank + 2 × hidden) (the MLP's gate/up output,
+      its activation and the residual stream at once), and
+    - the sampling pass: logits rows × vocab × 4 + 2 × T × hidden × dtype,
+    plus, for a model with a vision tower, what its profile pass holds (the tower's own forward
+    over one image of the largest size: patches × dtype × (4 × its MLP width + 2 × its width)).
+    Captured on vLLM 0.26.0 (dense Llama shapes, bf16 and NVFP4): the sampling term matched to
+    within 64 KiB, the forward term (a 16-layer 2048-wide model at T = 8192) to 0.7 % above.
+    """
+    mem = ci.engine.cuda
+    assert mem is not None
+    b = int(dtype_bytes(f.torch_dtype or BF16))
+    t = ci.engine.max_num_batched_tokens
+    h = f.hidden_size
+    estimate = not mem.measured
+    widths = [(f.intermediate_size or 0) // ci.tp]
+    why = ""
+    if f.num_experts:
+        routed = (f.moe_intermediate_size or f.intermediate_size or 0) * (f.num_experts_per_tok or 1)
+        widths.append((routed + (f.shared_expert_intermediate_size or 0)) // ci.tp)
+        estimate = True
+        why = "MoE width = routed experts per token + shared expert (not captured)"
+    if f.hybrid_override_pattern:
+        inner = (f.mamba_num_heads or 0) * (f.mamba_head_dim or 0)
+        widths.append(inner // ci.tp)
+        estimate = True
+        why = (why + "; " if why else "") + "Mamba layers (not captured)"
+    fwd = t * b * (4 * max(widths) + 2 * h)
+    rows = mem.logits_rows or ci.engine.max_num_seqs
+    sample = rows * (f.vocab_size or 0) * 4 + 2 * t * h * b if last_stage else 0
+    steps = [f"forward T={t}: {t} × {b} × (4 × {max(widths)} + 2 × {h}) = {fmt_bytes(fwd)}"]
+    if last_stage:
+        steps.append(f"sampling: {rows} rows × vocab {f.vocab_size} × 4 + 2 × {t} × {h} × {b} = {fmt_bytes(sample)}")
+    peak = max(fwd, sample)
+    v = _vision(f)
+    if v or f.extra_params:
+        estimate = True
+        if v:
+            per_item = v.get("max_tokens_per_item") or v.get("default_output_length", 280)
+            patches = per_item * v.get("pooling_kernel_size", 1) ** 2
+            tower = patches * b * (4 * v["intermediate_size"] + 2 * v["hidden_size"])
+            steps.append(
+                f"vision tower over one image of {per_item} tokens ({patches} patches): {patches} × {b} × "
+                f"(4 × {v['intermediate_size']} + 2 × {v['hidden_size']}) = {fmt_bytes(tower)} (estimate: not captured)"
+            )
+            peak = max(peak, tower) + per_item * h * b
+        else:
+            why = (why + "; " if why else "") + "a vision/audio tower whose shapes the facts do not give (not counted)"
+    if why:
+        steps.append(f"estimate: {why}")
+    return peak, steps, estimate
+
+
+def cuda_kv_memory(
+    ci: CapacityInput, f: ArchFacts, fmt: str, stages: list[StageWeights], steps: list[str]
+) -> tuple[list[int], dict[str, Any]]:
+    """KV memory per worker as vLLM's GPU worker computes it (see :class:`CudaMemory`)."""
+    util = ci.gpu_memory_utilization or ci.engine.gpu_memory_utilization
+    mem = ci.engine.cuda
+    if mem is None:
+        raise ValueError("the CUDA memory model of this engine version is missing from catalog/rules.yml capacity.cuda")
+    reserved = mem.cuda_reserved_bytes.get(ci.engine.device_model, mem.cuda_reserved_bytes["default"])
+    reserved_known = ci.engine.device_model in mem.cuda_reserved_bytes
+    total = ci.device_memory_bytes - reserved
+    requested = math.ceil(total * util)
+    world = ci.tp * ci.pp
+    non_torch = mem.non_torch_bytes + (world - 1) * mem.non_torch_per_peer_bytes
+    overhead = mem.load_overhead.get(fmt, max(mem.load_overhead.values()))
+    rope = rope_cache_bytes(f)
+    moe_or_hybrid = bool(f.num_experts or f.hybrid_override_pattern)
+    graphs_in = not ci.engine.enforce_eager and (
+        mem.cudagraph_in_budget == "always" or (mem.cudagraph_in_budget == "v1_runner" and moe_or_hybrid)
+    )
+    graphs = mem.cudagraph_estimate_bytes if graphs_in else 0
+    estimate_terms: list[str] = []
+    if not reserved_known:
+        estimate_terms.append(f"CUDA-visible total of {ci.engine.device_model or 'this GPU'} not captured")
+    if world > 1:
+        estimate_terms.append(f"non-torch memory of {world - 1} peer rank(s) (NCCL, all-reduce buffers) not captured")
+    if graphs_in:
+        estimate_terms.append("CUDA-graph memory taken from the budget not captured")
+    steps.append(
+        f"KV memory per GPU (vLLM {'measured' if mem.measured else 'estimated'} accounting): CUDA-visible total = "
+        f"{fmt_bytes(ci.device_memory_bytes)} − {fmt_bytes(reserved)} driver reserve = {fmt_bytes(total)}"
+        + ("" if reserved_known else " (estimate: reserve of another GPU)")
+        + f"; requested = ceil(total × {util}) = {fmt_bytes(requested)}"
+    )
+    kv_mem: list[int] = []
+    loaded_all: list[int] = []
+    act_all: list[int] = []
+    act_estimate = False
+    for s in stages:
+        loaded = int(s.bytes * (1 + overhead)) + rope
+        act, act_steps, est = activation_terms(ci, f, s.stage == len(stages) - 1)
+        act_estimate |= est
+        act += mem.margin_bytes
+        kv = requested - loaded - act - non_torch - graphs
+        kv_mem.append(kv)
+        loaded_all.append(loaded)
+        act_all.append(act)
+        steps.append(
+            f"  stage {s.stage}: weights as loaded {fmt_bytes(loaded)} (checkpoint {fmt_bytes(s.bytes)} × (1 + {overhead:g}) "
+            f"+ rotary cache {fmt_bytes(rope)}); peak activation {fmt_bytes(act)} (max of the passes + "
+            f"{fmt_bytes(mem.margin_bytes)} margin); non-torch {fmt_bytes(non_torch)}; CUDA graphs "
+            + (f"{fmt_bytes(graphs)} inside the budget" if graphs_in else "outside the budget")
+            + f" -> KV {fmt_bytes(kv)}"
+        )
+        steps.extend(f"    {x}" for x in act_steps)
+    if act_estimate:
+        estimate_terms.append("peak activation of shapes not captured on this version")
+    if not mem.measured:
+        estimate_terms.append("this engine version's activation and non-torch memory were not captured")
+    if estimate_terms:
+        steps.append("  estimate, erring towards less KV: " + "; ".join(estimate_terms))
+    memory = {
+        "device_bytes": ci.device_memory_bytes,
+        "cuda_total_bytes": total,
+        "gpu_memory_utilization": util,
+        "requested_bytes": requested,
+        "weights_loaded_bytes": loaded_all,
+        "peak_activation_bytes": act_all,
+        "non_torch_bytes": non_torch,
+        "cudagraph_in_budget_bytes": graphs,
+        "estimate_terms": estimate_terms,
+    }
+    return kv_mem, memory
 
 
 def plan_capacity(ci: CapacityInput) -> dict[str, Any]:
@@ -646,20 +825,7 @@ def plan_capacity(ci: CapacityInput) -> dict[str, Any]:
         memory = {"kv_cache_memory_bytes": ci.kv_cache_memory_bytes}
         steps.append(f"KV memory per worker: kv_cache_memory_bytes = {ci.kv_cache_memory_bytes} (fixed; no profiling)")
     else:
-        util = ci.gpu_memory_utilization or ci.engine.gpu_memory_utilization
-        requested = int(ci.device_memory_bytes * util)
-        reserve = ci.engine.activation_reserve_bytes
-        kv_mem = [requested - s.bytes - reserve for s in stages]
-        memory = {
-            "device_bytes": ci.device_memory_bytes,
-            "gpu_memory_utilization": util,
-            "requested_bytes": requested,
-            "activation_reserve_bytes": reserve,
-        }
-        steps.append(
-            f"KV memory per GPU = {fmt_bytes(ci.device_memory_bytes)} × {util} − weights − activation reserve "
-            f"{fmt_bytes(reserve)} = " + ", ".join(fmt_bytes(m) for m in kv_mem)
-        )
+        kv_mem, memory = cuda_kv_memory(ci, f, fmt, stages, steps)
     memory["kv_bytes_per_worker"] = kv_mem
     memory["weights_fit"] = all(m > 0 for m in kv_mem)
 
@@ -733,7 +899,7 @@ def plan_capacity(ci: CapacityInput) -> dict[str, Any]:
             "max_concurrency": round(concurrency, 2),
             "fits_max_model_len": fits,
             "largest_max_model_len": largest,
-            "estimate": estimate,
+            "estimate": estimate or bool(memory.get("estimate_terms")),
         },
         "decode": {
             "bandwidth_gbs": ci.memory_bandwidth_gbs,

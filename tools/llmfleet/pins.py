@@ -36,6 +36,21 @@ class Requirement(_Pin):
         return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
 
 
+class CudaBuild(_Pin):
+    """The CUDA release a runtime's wheels link, and the NVIDIA driver it needs.
+
+    Read from the pinned wheels when the runtime is pinned (:func:`llmfleet.cuda.cuda_build`, with
+    ``catalog/cuda.yml``: NVIDIA's release notes); the rule ``driver-cuda-minimum`` compares it with
+    the hardware profile's driver.
+    """
+
+    cuda: Annotated[str, Field(pattern=r"^\d+\.\d+$")]
+    release: str
+    min_driver: Annotated[str, Field(pattern=r"^\d+(\.\d+)*$")]
+    #: the wheel it was read from, e.g. ``nvidia-cuda-runtime-cu12 12.8.90``
+    source: str
+
+
 class RuntimePin(_Pin):
     distribution: str
     version: str
@@ -47,12 +62,18 @@ class RuntimePin(_Pin):
     reason: str | None = None
     requirements: list[Requirement] | None = None
     excluded: list[str] = Field(default_factory=list)
+    #: version constraints the resolution honoured (``uv pip compile -c``), e.g. a dependency
+    #: release the engine version cannot run with
+    constraints: list[str] = Field(default_factory=list)
     system_packages: list[str] = Field(default_factory=list)
     metadata_shim: bool = False
     #: architectures whose model class declares ``SupportsPP`` in this engine version, read from the
     #: release when pinning (``llmfleet.rules_scan``); None: not scanned, the PP rule cannot decide
     supports_pp: list[str] | None = None
     supports_pp_source: str | None = None
+    #: a CUDA build: the CUDA release its wheels link and the driver that needs (None: a CPU build,
+    #: or a CUDA release catalog/cuda.yml does not list, and the driver rule cannot decide)
+    cuda: CudaBuild | None = None
     notes: str | None = None
 
     @property

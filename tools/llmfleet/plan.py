@@ -29,6 +29,8 @@ from .spec import (
 )
 
 PLAN_SCHEMA = 1
+#: where the lock comes from, for messages
+LOCK_NAME = "pins/lock.json or $LLMFLEET_LOCK"
 #: bump when the unit template changes in a way that needs running instances restarted
 UNIT_REVISION = 2
 SERVICE_USER = "llmfleet"
@@ -167,7 +169,7 @@ def _check_instance(
         )
     model = lock.models.get(inst.model)
     if model is None:
-        c.error(f"{at}.model", inst.model, "unknown model key (not in pins/lock.json)", ", ".join(sorted(lock.models)))
+        c.error(f"{at}.model", inst.model, f"unknown model key (not in the lock: {LOCK_NAME})", ", ".join(sorted(lock.models)))
     else:
         arch = model.architecture
         if inst.max_model_len > arch.max_position_embeddings:
@@ -254,7 +256,10 @@ def _check_rules(
     analysis = rules.analyse(inst.model, model, runtime_key, runtime, hw, hw_key, instance_layout(inst))
     c.analyses[i] = analysis
     for r in analysis.results:
-        where = f"{at}.{r.field}"
+        # a rule about the host (its runtime, its hardware) names the host's variable, once
+        where = f"llmfleet_{r.field}" if r.field in rules.HOST_FIELDS else f"{at}.{r.field}"
+        if r.field in rules.HOST_FIELDS and any(p.where == where and r.id in p.message for p in c.problems):
+            continue
         if r.status == "unknown":
             c.warn(where, r.value, f"rule {r.id} {r.message}")
         elif r.status != "fired":
@@ -270,7 +275,7 @@ def _check_rules(
 def _check_host(c: _Checker, spec: HostSpec, hw: HardwareProfile, hw_key: str, lock: Lock) -> RuntimePin | None:
     runtime = lock.runtimes.get(spec.runtime)
     if runtime is None:
-        c.error("llmfleet_runtime", spec.runtime, "unknown runtime key (not in pins/lock.json)", ", ".join(sorted(lock.runtimes)))
+        c.error("llmfleet_runtime", spec.runtime, f"unknown runtime key (not in the lock: {LOCK_NAME})", ", ".join(sorted(lock.runtimes)))
     if not spec.instances:
         c.error("llmfleet_instances", [], "no instance to run", "at least one instance")
     seen_names: dict[str, int] = {}

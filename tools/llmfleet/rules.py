@@ -12,6 +12,7 @@ Check functions return an :class:`Outcome`; the fields they report are what mess
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from . import capacity as cap
+from .cuda import driver_version
 from .pins import ArchFacts, ModelPin, RuntimePin
 from .spec import HardwareProfile
 
@@ -137,13 +139,20 @@ class RuleBook:
     engines: tuple[EngineDefaults, ...]
     block_size: dict[str, int]
     max_num_batched_tokens: dict[str, int]
-    activation_reserve_bytes: dict[str, int]
+    cuda: tuple[tuple[Applies, cap.CudaMemory], ...] = ()
+    max_num_seqs: dict[str, int] = field(default_factory=lambda: {"cuda": 256, "cuda_70gib": 1024, "cpu": 256})
 
     def rule(self, rule_id: str) -> Rule:
         for r in self.rules:
             if r.id == rule_id:
                 return r
         raise KeyError(rule_id)
+
+    def cuda_memory(self, engine_version: str | None) -> cap.CudaMemory | None:
+        for applies, memory in self.cuda:
+            if applies.matches(engine_version, "cuda")[0]:
+                return memory
+        return None
 
     def engine(self, engine_version: str | None, accelerator: str) -> EngineDefaults:
         for e in self.engines:
@@ -206,7 +215,34 @@ def parse_rulebook(data: Mapping[str, Any]) -> RuleBook:
         engines,
         dict(c.get("block_size") or {"cuda": 16, "cpu": 128}),
         dict(c.get("max_num_batched_tokens") or {"cuda": 2048, "cuda_70gib": 8192, "cpu_per_rank": 2048}),
-        dict(c.get("activation_reserve_bytes") or {"cuda": 2 * cap.GiB, "cpu": 0}),
+        tuple((Applies.parse(m.get("applies")), parse_cuda_memory(m)) for m in c.get("cuda") or []),
+        dict(c.get("max_num_seqs") or {"cuda": 256, "cuda_70gib": 1024, "cpu": 256}),
+    )
+
+
+CUDA_KEYS = {f.name for f in dataclasses.fields(cap.CudaMemory)} | {"applies"}
+
+
+def parse_cuda_memory(raw: Mapping[str, Any]) -> cap.CudaMemory:
+    """One ``capacity.cuda`` entry of rules.yml."""
+    unknown = set(raw) - CUDA_KEYS
+    if unknown:
+        raise ValueError(f"capacity.cuda: unknown keys {sorted(unknown)}")
+    if raw.get("cudagraph_in_budget") not in ("never", "always", "v1_runner"):
+        raise ValueError(f"capacity.cuda: cudagraph_in_budget {raw.get('cudagraph_in_budget')!r} (valid: never, always, v1_runner)")
+    if "default" not in (raw.get("cuda_reserved_bytes") or {}):
+        raise ValueError("capacity.cuda: cuda_reserved_bytes needs a default")
+    return cap.CudaMemory(
+        measured=bool(raw["measured"]),
+        reference=" ".join(str(raw.get("reference", "")).split()),
+        cuda_reserved_bytes={str(k): int(v) for k, v in raw["cuda_reserved_bytes"].items()},
+        non_torch_bytes=int(raw["non_torch_bytes"]),
+        non_torch_per_peer_bytes=int(raw["non_torch_per_peer_bytes"]),
+        logits_rows=int(raw["logits_rows"]),
+        load_overhead={str(k): float(v) for k, v in raw["load_overhead"].items()},
+        cudagraph_in_budget=str(raw["cudagraph_in_budget"]),
+        cudagraph_estimate_bytes=int(raw["cudagraph_estimate_bytes"]),
+        margin_bytes=int(raw["margin_bytes"]),
     )
 
 
@@ -566,6 +602,38 @@ def _tp_topology(ctx: Context, params: dict[str, Any]) -> Outcome:
     )
 
 
+@check("driver_supports_cuda")
+def _driver_supports_cuda(ctx: Context, params: dict[str, Any]) -> Outcome:
+    """Fields: runtime, hardware, cuda_release, cuda_source, min_driver, min_branch, driver."""
+    runtime = ctx.runtime
+    if runtime is None or runtime.device != "cuda":
+        return not_applicable("not a CUDA runtime")
+    if runtime.cuda is None:
+        return unknown(
+            f"runtime {ctx.runtime_key} records no CUDA release (pin it again with tools/pin.py runtime; "
+            "its CUDA runtime wheel may be one catalog/cuda.yml does not list)"
+        )
+    hw = ctx.hw
+    if not hw.driver_branch and not hw.driver:
+        return unknown(f"hardware profile {ctx.hw_key} pins no NVIDIA driver (driver_branch, driver)")
+    need = driver_version(runtime.cuda.min_driver)
+    pinned = ([f"R{hw.driver_branch}"] if hw.driver_branch else []) + [f"{d} {pin.version}" for d, pin in sorted(hw.driver.items())]
+    too_old = [f"R{hw.driver_branch}"] if hw.driver_branch and driver_version(hw.driver_branch) < need[:1] else []
+    too_old += [f"{d} {pin.version}" for d, pin in sorted(hw.driver.items()) if driver_version(pin.version) < need]
+    fields = {
+        "runtime": ctx.runtime_key,
+        "hardware": ctx.hw_key,
+        "cuda_release": runtime.cuda.release,
+        "cuda_source": runtime.cuda.source,
+        "min_driver": runtime.cuda.min_driver,
+        "min_branch": need[0],
+        "driver": ", ".join(too_old),
+    }
+    if too_old:
+        return fired(f"{', '.join(too_old)} older than {runtime.cuda.min_driver}", **fields)
+    return passed(f"{', '.join(pinned)} at least {runtime.cuda.min_driver} ({runtime.cuda.release})")
+
+
 @check("cpu_head_size")
 def _cpu_head_size(ctx: Context, params: dict[str, Any]) -> Outcome:
     """Fields: head_size, head_sizes, model."""
@@ -605,8 +673,8 @@ def _weights_fit(ctx: Context, params: dict[str, Any]) -> Outcome:
     return fired(
         weights=cap.fmt_bytes(c["weights"]["max_bytes_per_gpu"]),
         usable=cap.fmt_bytes(mem["requested_bytes"]),
-        memory=f"{cap.fmt_bytes(mem['device_bytes'])} × gpu_memory_utilization {mem['gpu_memory_utilization']}",
-        reserve=cap.fmt_bytes(mem["activation_reserve_bytes"]),
+        memory=f"{cap.fmt_bytes(mem['cuda_total_bytes'])} CUDA-visible × gpu_memory_utilization {mem['gpu_memory_utilization']}",
+        reserve=cap.fmt_bytes(max(mem["peak_activation_bytes"]) + mem["non_torch_bytes"] + mem["cudagraph_in_budget_bytes"]),
     )
 
 
@@ -686,6 +754,14 @@ def _render(template: str, fields: Mapping[str, Any]) -> str:
     return template.format_map(_Fields(fields))
 
 
+#: rule fields that are the host's, not the instance's: the planner reports them once per host
+HOST_FIELDS = ("runtime", "hardware")
+
+
+def _rule_value(ctx: Context, field_name: str) -> Any:
+    return {"model": ctx.model_key, "runtime": ctx.runtime_key, "hardware": ctx.hw_key}.get(field_name, ctx.layout.value(field_name))
+
+
 def evaluate(ctx: Context, skip_checks: set[str] | None = None) -> list[RuleResult]:
     """Every rule of the book on this context, in catalog order."""
     out = []
@@ -714,7 +790,7 @@ def evaluate(ctx: Context, skip_checks: set[str] | None = None) -> list[RuleResu
                 verdict=rule.verdict,
                 status=outcome.status,
                 field=rule.field,
-                value=ctx.layout.value(rule.field) if rule.field != "model" else ctx.model_key,
+                value=_rule_value(ctx, rule.field),
                 message=message,
                 valid=_render(rule.valid, fields) if outcome.status == "fired" else "",
                 reference=rule.reference,
@@ -722,6 +798,38 @@ def evaluate(ctx: Context, skip_checks: set[str] | None = None) -> list[RuleResu
             )
         )
     return out
+
+
+def engine_behaviour(book: RuleBook, engine_version: str | None, hw: HardwareProfile, lay: Layout, facts: ArchFacts) -> cap.EngineBehaviour:
+    """The engine's behaviour for one layout: the rulebook's entry for this version, the batch
+    defaults of this GPU class (raised for a multimodal prefix-LM as vLLM raises them), and the
+    layout's engine_args."""
+    accel = hw.accelerator
+    engine = book.engine(engine_version, accel)
+    if accel == "cpu":
+        mnbt = book.max_num_batched_tokens.get("cpu_per_rank", 2048) * lay.tp * lay.pp
+        seqs = book.max_num_seqs.get("cpu", 256)
+    elif hw.device_memory_gib >= 70:
+        mnbt = book.max_num_batched_tokens.get("cuda_70gib", 8192)
+        seqs = book.max_num_seqs.get("cuda_70gib", 1024)
+    else:
+        mnbt = book.max_num_batched_tokens.get("cuda", 2048)
+        seqs = book.max_num_seqs.get("cuda", 256)
+    vision = (facts.model_extra or {}).get("vision")
+    if isinstance(vision, dict) and vision.get("max_tokens_per_item"):
+        # a multimodal prefix-LM (Gemma 4): vLLM raises the default to one item's tokens
+        mnbt = max(mnbt, int(vision["max_tokens_per_item"]))
+    return cap.EngineBehaviour(
+        block_size=int(lay.arg("block_size", book.block_size.get(accel, 16))),
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        max_num_batched_tokens=int(lay.arg("max_num_batched_tokens", mnbt)),
+        token_formula=engine.token_formula,
+        null_block_reserved=engine.null_block_reserved,
+        cuda=book.cuda_memory(engine_version) if accel == "cuda" else None,
+        max_num_seqs=int(lay.arg("max_num_seqs", seqs)),
+        enforce_eager=bool(lay.arg("enforce_eager", False)),
+        device_model=hw.device_model,
+    )
 
 
 def capacity_input(ctx: Context) -> cap.CapacityInput | None:
@@ -732,22 +840,8 @@ def capacity_input(ctx: Context) -> cap.CapacityInput | None:
     if accel == "cpu" and lay.kv_cache_memory_bytes is None:
         ctx.capacity_error = "the CPU build needs kv_cache_memory_bytes"
         return None
-    engine = ctx.book.engine(ctx.engine_version, accel)
     device_bytes = int(hw.device_memory_gib * cap.GiB)
-    if accel == "cpu":
-        mnbt = ctx.book.max_num_batched_tokens.get("cpu_per_rank", 2048) * lay.tp * lay.pp
-    elif hw.device_memory_gib >= 70:
-        mnbt = ctx.book.max_num_batched_tokens.get("cuda_70gib", 8192)
-    else:
-        mnbt = ctx.book.max_num_batched_tokens.get("cuda", 2048)
-    behaviour = cap.EngineBehaviour(
-        block_size=int(lay.arg("block_size", ctx.book.block_size.get(accel, 16))),
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        max_num_batched_tokens=int(lay.arg("max_num_batched_tokens", mnbt)),
-        token_formula=engine.token_formula,
-        null_block_reserved=engine.null_block_reserved,
-        activation_reserve_bytes=int(ctx.book.activation_reserve_bytes.get(accel, 0)),
-    )
+    behaviour = engine_behaviour(ctx.book, ctx.engine_version, hw, lay, ctx.facts)
     return cap.CapacityInput(
         facts=ctx.facts,
         quantization=ctx.model.quantization,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..cli.common import ExitCode, add_limit, run
+from ..cuda import cuda_build
 from ..errors import LlmfleetError
 from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
 from .cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
@@ -78,6 +79,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         "device": args.device,
         "platform": args.platform,
         "excluded": args.exclude,
+        "constraints": args.constraint,
         "system_packages": args.system_package,
         "notes": args.notes,
     }
@@ -89,7 +91,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     fields.setdefault("metadata_shim", fields["distribution"] != "vllm")  # a pinned choice is kept
     fields["excluded"] = sorted(set(fields.get("excluded") or []))
     fields["system_packages"] = sorted(set(fields.get("system_packages") or []))
-    inputs = RuntimeInputs(fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"])
+    fields["constraints"] = sorted(set(fields.get("constraints") or []))
+    inputs = RuntimeInputs(
+        fields["distribution"], fields["version"], fields["python"], fields["platform"], fields["excluded"], fields["constraints"]
+    )
     mode = args.mode or ("index" if fields["device"] == "cuda" else "download")
     if mode == "download":
         reqs = resolve_by_download(inputs, wheelhouse_dir(args.key), find_links=args.find_links, pip=args.pip_python, log=say)
@@ -100,6 +105,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
             pin = RuntimePin.model_validate(fields | {"status": "unresolved", "reason": str(exc).splitlines()[0], "requirements": None})
             write_lock(path, with_runtime(lock, args.key, pin))
             raise LlmfleetError(f"runtime {args.key} recorded as unresolved: {exc}") from exc
+    cuda = cuda_build(reqs) if fields["device"] == "cuda" else None
+    if fields["device"] == "cuda" and cuda is None:
+        say(f"warning: runtime {args.key}: no CUDA release of catalog/cuda.yml matches its wheels; the driver rule cannot check it")
+    fields["cuda"] = cuda.model_dump() if cuda else None
     pin = RuntimePin.model_validate(fields | {"status": "resolved", "reason": None, "requirements": [r.model_dump() for r in reqs]})
     changed = write_lock(path, with_runtime(lock, args.key, pin))
     total = sum(r.size or 0 for r in reqs)
@@ -390,6 +399,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["cpu", "cuda"])
     r.add_argument("--platform", help="target platform in uv's spelling, e.g. x86_64-manylinux_2_36")
     r.add_argument("--exclude", action="append", help="a package to leave out of the set (repeatable)")
+    r.add_argument(
+        "--constraint", action="append", help="a version constraint for the resolution, e.g. 'transformers<5.15' (repeatable, kept)"
+    )
     r.add_argument("--system-package", action="append", help="a Debian package the runtime needs on the host (repeatable)")
     r.add_argument("--notes", help="free text kept in the entry")
     mode = r.add_mutually_exclusive_group()

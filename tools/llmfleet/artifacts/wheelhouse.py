@@ -123,6 +123,7 @@ class RuntimeInputs:
     python: str
     platform: str
     excluded: list[str] = field(default_factory=list)
+    constraints: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> Target:
@@ -210,6 +211,9 @@ def compile_lock(inputs: RuntimeInputs, workdir: Path, find_links: Path | None =
     if inputs.excluded:
         (workdir / "excludes.txt").write_text("".join(f"{name}\n" for name in inputs.excluded))
         cmd += ["--excludes", str(workdir / "excludes.txt")]
+    if inputs.constraints:
+        (workdir / "constraints.txt").write_text("".join(f"{c}\n" for c in inputs.constraints))
+        cmd += ["--constraint", str(workdir / "constraints.txt")]
     if find_links is not None:
         cmd += ["--offline", "--no-index", "--find-links", str(find_links)]
     _run(cmd, "uv pip compile")

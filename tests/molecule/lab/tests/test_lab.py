@@ -54,7 +54,27 @@ def test_current_is_the_planned_generation(host: Any, plan: dict[str, Any]) -> N
     assert current.linked_to == f"{ROOT}/generations/{plan['generation']}"
     deployed = json.loads(host.file(f"{ROOT}/current/plan.json").content_string)
     assert deployed["generation"] == plan["generation"]
-    assert host.file(f"{ROOT}/current/manifest.json").exists
+
+
+def test_manifest_seals_what_the_generation_holds(host: Any, plan: dict[str, Any]) -> None:
+    """Not only present: the manifest names the planned generation and host, the plan's instances
+    with their content hashes, the plan's store paths with the sha256 of each completion marker, and
+    every file of the generation (docs/architecture.md) with the sha256 it has on the host."""
+    gen_dir = f"{ROOT}/generations/{plan['generation']}"
+    manifest = json.loads(host.file(f"{gen_dir}/manifest.json").content_string)
+    assert (manifest["generation"], manifest["host"]) == (plan["generation"], plan["host"])
+    assert manifest["instances"] == {i["name"]: i["content_hash"] for i in plan["instances"]}
+    store = {plan["runtime"]["store_path"]} | {m["store_path"] for m in plan["models"].values()}
+    assert {e["path"] for e in manifest["store_paths"]} == store
+    for entry in manifest["store_paths"]:
+        assert entry["marker_sha256"] == host.file(f"{entry['path']}/.llmfleet-complete").sha256sum, entry["path"]
+    files = {"plan.json", "units/llmfleet-vllm@.service"}
+    files |= {f"instances/{i['name']}/{name}" for i in plan["instances"] for name in ("env", "argv.json", "launch")}
+    on_disk = set(host.check_output(f"cd {gen_dir} && find . -type f ! -name '.*' -printf '%P\\n'").split())
+    assert on_disk - {"manifest.json", "verified.json"} == files, on_disk
+    assert set(manifest["files"]) == files
+    for rel, digest in manifest["files"].items():
+        assert digest == host.file(f"{gen_dir}/{rel}").sha256sum, rel
 
 
 def test_units_active_enabled_and_listening(host: Any, plan: dict[str, Any]) -> None:
