@@ -34,15 +34,16 @@ setup: host-packages venv
 host-packages:
 	@missing=(); for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing+=($$p); done; \
 	if [ $${#missing[@]} -gt 0 ]; then \
-	  echo "installing: $${missing[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${missing[@]}" >/dev/null; \
+	  echo "host packages: installing $${missing[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$${missing[@]}"; \
 	fi
 
 venv: $(VENV)/.stamp
 
 $(VENV)/.stamp: requirements/control.txt pyproject.toml
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (ansible-core 2.21 needs >= 3.12): install it or set PY312=/path/to/python3.12"; exit 1; }
+	@echo "venv: creating $(VENV) and installing requirements/control.txt (hash-locked; a few minutes the first time)"
 	$(PY312) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements/control.txt
+	$(BIN)/python -m pip install --progress-bar off --disable-pip-version-check --require-hashes -r requirements/control.txt
 	touch $@
 
 ## Make the cache hold every pinned artifact the inventory uses, hash-verified.

@@ -7,7 +7,9 @@ per host and writes summary.json (schema llmfleet.rollout/1) atomically to $LLMF
 
 Contract with the playbooks: a host sets the fact `llmfleet_report` (set_fact; each one replaces the
 last) with any of generation_before, generation_after, generation_planned, switched, verify,
-rolled_back, rolled_back_to, failure, batch. The callback adds times, status, failure and batch.
+rolled_back, rolled_back_to, failure, batch, converged (the rollout's fast path found the host done)
+and repaired (store paths rebuilt in place of damaged ones). The callback adds times, status,
+failure and batch.
 It stays silent unless some host reported or the playbook is site.yml / rollback.yml, and it never
 raises: a broken summary must not break a rollout.
 """
@@ -39,7 +41,7 @@ REPORT_FACT = "llmfleet_report"
 LLMFLEET_PLAYBOOKS = {"site.yml", "rollback.yml"}
 REPORT_KEYS = (
     "generation_before", "generation_after", "generation_planned", "switched", "verify",
-    "rolled_back", "rolled_back_to", "failure", "batch",
+    "rolled_back", "rolled_back_to", "failure", "batch", "converged", "repaired",
 )
 MSG_MAX = 200
 
@@ -207,6 +209,8 @@ class CallbackModule(CallbackBase):
                 "verify": r.get("verify", "not measured"),
                 "rolled_back": bool(r.get("rolled_back", False)),
                 "rolled_back_to": r.get("rolled_back_to"),
+                "converged": bool(r.get("converged", False)),
+                "repaired": list(r.get("repaired") or []),
                 "failure": _one_line(failure) if failure else None,
                 "started": _iso(first),
                 "finished": _iso(last),
@@ -273,7 +277,9 @@ class CallbackModule(CallbackBase):
             gen = f"{e['generation_before'] or '-'} → {e['generation_after'] or '-'}"
             rb = f"to {e['rolled_back_to'] or '?'}" if e["rolled_back"] else "-"
             t = f"{e['duration_s']}s" if e["duration_s"] is not None else "-"
-            st = e["status"] + (f": {e['failure']}" if e["failure"] else "")
+            st = e["status"] + (" (converged)" if e.get("converged") else "") + (f": {e['failure']}" if e["failure"] else "")
+            if e.get("repaired"):
+                st += f"; repaired {', '.join(e['repaired'])}"
             rows.append((name, str(e["batch"] if e["batch"] is not None else "-"), gen, str(e["verify"]), rb, t, st))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]

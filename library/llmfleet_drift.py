@@ -15,13 +15,19 @@ description:
     manifest does not list (C(manifest.json), C(verified.json), C(failed.json) and dot files excepted).
   - The installed template unit C(<unit_dir>/llmfleet-vllm@.service) and each instance's drop-in
     C(<unit_dir>/llmfleet-vllm@<name>.service.d/) equal the generation's copies.
-  - Every store path of the manifest exists and its C(.llmfleet-complete) marker has the manifest's sha256;
-    every model file of the plan is in its store path with the plan's size and (O(hash_files)) sha256;
-    the runtime store path has C(bin/python).
+  - Every store path of the manifest and the plan is checked as C(module_utils/llmfleet_store.py) says (the one
+    owner of the store's checks): its C(.llmfleet-complete) marker has the manifest's sha256; a model path holds
+    exactly its pinned files, each with the plan's size and (O(hash_files)) sha256 (a file written after the
+    marker is hashed in any case); nothing in the runtime path changed after its marker and it has C(bin/python);
+    and the last full check (C(<root>/store-check.json), the host's timer) did not find the path damaged.
   - Per instance of the plan, C(systemctl show) says the unit is active and enabled; the unit's MainPID
     (or, when that is a wrapper such as a shell, a process below it) runs exactly the plan's argv; and
     C(GET <url>/v1/models) lists the served model name with C(root) the model's store path and
-    C(max_model_len) the plan's.
+    C(max_model_len) the plan's. An instance with an API key is asked with it, read as verify reads it: from the
+    plan's C(api_key_file) (C(VLLM_API_KEY=<key>) or the bare key; root-owned, so the module runs as root) or the
+    environment variable its C(api_key_env) names, never from arguments. HTTP 401 with that key is drift
+    (instance-api-key: the server runs with another key), and so is a 401 from an instance the plan gives no
+    key; a key the module cannot read is unchecked (the check's own configuration), not drift.
   - Units named C(llmfleet-vllm@*.service) that are active but not instances of the plan are drift.
   - Drift is data, not a failure. The task fails only when the root cannot be read at all. A probe that
     could not be made (no systemctl, unreadable /proc) is listed in C(unchecked), not as drift.
@@ -29,6 +35,12 @@ description:
     C(<mirror_dir>/sha256/) must be named by its own sha256 (sizes only without I(hash_files)); a file that is not is
     drift (C(mirror-blob-corrupt)). The result's C(mirror) lists what the mirror holds, so the control node can
     name what the site's plans need and it lacks.
+  - With O(expect), also whether the host is converged to what the control node plans, so that a rollout can
+    stop there (the fast path of C(playbooks/rollout.yml)): no drift and nothing unchecked, C(current) is the
+    expected generation and it passed verify (C(verified.json), no C(failed.json)), no restarts are pending,
+    each keyed instance's key file holds the expected key (its sha256) root-owned 0600 and no other key file
+    is there, the service user and group exist, the runtime's system packages are installed, the store checker
+    and its timer are in place, and on a GPU host the loaded NVIDIA driver is the pinned one.
   - Changes nothing on the host.
 options:
   root:
@@ -51,6 +63,17 @@ options:
     description: The folder a site mirror serves (roles/site_mirror C(site_mirror_dir)).
     type: path
     default: /srv/llmfleet/mirror
+  missing_root_ok:
+    description: A root that does not exist (a fresh host) is drift (current-missing), not a failure.
+    type: bool
+    default: false
+  expect:
+    description:
+      - What the control node plans, to say whether the host is converged. C(generation) (required), and optionally
+        C(api_key_sha256) (instance name to the sha256 of its key), C(api_key_dir), C(system_packages),
+        C(service) (C({user, group})), C(driver) (the plan's C(driver)), C(store_check_sha256) (of
+        C(<root>/tools/llmfleet_store.py)).
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -85,8 +108,9 @@ drift:
     current-missing, current-invalid, manifest-missing, manifest-invalid, plan-invalid, generation-mismatch,
     file-missing, file-changed, file-unexpected, unit-missing, unit-changed, store-path-missing,
     store-marker-missing, store-marker-changed, model-file-missing, model-file-changed,
-    runtime-python-missing, instance-inactive, instance-disabled, instance-argv, instance-unreachable,
-    instance-model-missing, instance-model-root, instance-max-model-len, unit-stray.
+    store-file-unexpected, store-path-changed, runtime-python-missing, instance-inactive, instance-disabled,
+    instance-argv, instance-unreachable, instance-api-key, instance-api-key-file, instance-model-missing,
+    instance-model-root, instance-max-model-len, unit-stray.
   returned: always
   type: list
 unchecked:
@@ -97,17 +121,36 @@ checked:
   description: How much was compared (generation_files, store_paths, model_files, instances, units).
   returned: always
   type: dict
+converged:
+  description: With O(expect), true when the host runs the expected generation as it should and it passed verify.
+  returned: when expect is given
+  type: bool
+not_converged:
+  description: With O(expect), why the host is not converged (empty when it is).
+  returned: when expect is given
+  type: list
 """
 
+import grp  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import pwd  # noqa: E402
 import re  # noqa: E402
+import stat  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
+
+try:
+    from ansible.module_utils.llmfleet_store import ERROR as STORE_ERROR
+    from ansible.module_utils.llmfleet_store import check_path, read_record
+except ImportError:  # run as a plain script (--print) beside a checkout: module_utils/ is a sibling of library/
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
+    from llmfleet_store import ERROR as STORE_ERROR  # type: ignore[no-redef]
+    from llmfleet_store import check_path, read_record  # type: ignore[no-redef]
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -145,7 +188,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 class ProbeError(Exception):
-    """A probe that could not be made (not drift)."""
+    """A probe that could not be made (not drift); ``status`` is the HTTP status when there was an answer."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Probes:
@@ -212,15 +259,43 @@ class Probes:
                 continue
         return found
 
-    def get_json(self, url: str, timeout: float) -> Any:
+    def get_json(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
-            raise ProbeError(f"GET {url}: HTTP {exc.code}") from None
+            raise ProbeError(f"GET {url}: HTTP {exc.code}", exc.code) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ProbeError(f"GET {url}: {_one_line(reason if isinstance(reason, BaseException) else exc)}") from None
+
+    def package_states(self, names: list[str]) -> dict[str, str]:
+        """dpkg's status of each package ("installed", ...; absent when dpkg does not know it)."""
+        try:
+            done = subprocess.run(
+                ["dpkg-query", "--show", "--showformat=${Package} ${db:Status-Status}\\n", *names],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ProbeError(f"dpkg-query: {_one_line(exc)}") from None
+        states = {}
+        for line in done.stdout.splitlines():
+            name, _, status = line.partition(" ")
+            states[name.split(":")[0]] = status.strip()
+        return states
+
+    def read_text(self, path: str) -> str | None:
+        """A small file (os-release, the driver's sysfs version), None when it is not there."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ProbeError(f"{path}: {_one_line(exc)}") from None
 
 
 class Report:
@@ -325,13 +400,13 @@ def _check_unit(gen_dir: str, unit_dir: str, r: Report) -> None:
             r.add("unit-changed", f"{installed} differs from the generation's {ours}", path=installed, expected=want, found=got)
 
 
-def _check_store(manifest: dict[str, Any], plan: dict[str, Any] | None, hash_files: bool, r: Report) -> set[str]:
-    """Store paths and model files; returns the store paths that are missing (their contents are not checked)."""
-    missing: set[str] = set()
+def _check_store(root: str, manifest: dict[str, Any], plan: dict[str, Any] | None, hash_files: bool, r: Report) -> None:
+    """Every store path of the manifest and of the plan, as module_utils/llmfleet_store checks it."""
     entries = manifest.get("store_paths")
     if not isinstance(entries, list):
         r.add("manifest-invalid", "manifest 'store_paths' is not a list", path=MANIFEST, expected="a list", found=type(entries).__name__)
         entries = []
+    paths: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             r.add(
@@ -342,71 +417,28 @@ def _check_store(manifest: dict[str, Any], plan: dict[str, Any] | None, hash_fil
                 found=entry,
             )
             continue
-        path = entry["path"]
         r.checked["store_paths"] += 1
-        if not os.path.isdir(path):
-            missing.add(path)
-            r.add("store-path-missing", f"store path {path} is missing", path=path, expected=entry.get("kind"), found=None)
-            continue
-        marker = os.path.join(path, MARKER)
-        if not os.path.isfile(marker):
-            r.add(
-                "store-marker-missing",
-                f"{marker} is missing (an incomplete store path)",
-                path=marker,
-                expected=entry.get("marker_sha256"),
-                found=None,
-            )
-            continue
-        got = _sha(marker, r)
-        if got is not None and entry.get("marker_sha256") is not None and got != entry["marker_sha256"]:
-            r.add("store-marker-changed", f"{marker} differs from the manifest's", path=marker, expected=entry["marker_sha256"], found=got)
-    if plan is None:
-        return missing
-    for key, model in sorted((plan.get("models") or {}).items()):
-        store = model.get("store_path") if isinstance(model, dict) else None
-        if not isinstance(store, str) or store in missing:
-            continue
-        if not os.path.isdir(store):
-            missing.add(store)
-            r.add("store-path-missing", f"store path {store} of model {key} is missing", path=store, expected="model", found=None)
-            continue
-        for f in model.get("files") or []:
-            path = os.path.join(store, f["path"])
-            r.checked["model_files"] += 1
-            if not os.path.isfile(path):
-                r.add("model-file-missing", f"model {key}: {path} is missing", path=path, expected=f.get("sha256"), found=None)
-                continue
-            size = os.path.getsize(path)
-            if f.get("size") is not None and size != f["size"]:
-                r.add(
-                    "model-file-changed",
-                    f"model {key}: {path} has {size} bytes, the pin {f['size']}",
-                    path=path,
-                    expected={"size": f["size"]},
-                    found={"size": size},
+        paths[entry["path"]] = {"kind": entry.get("kind") or "model", "marker_sha256": entry.get("marker_sha256"), "files": None}
+    if plan is not None:
+        for key, model in sorted((plan.get("models") or {}).items()):
+            store = model.get("store_path") if isinstance(model, dict) else None
+            if isinstance(store, str):
+                paths.setdefault(store, {"kind": "model", "marker_sha256": None, "files": None, "model": key})["files"] = list(
+                    model.get("files") or []
                 )
-                continue
-            if hash_files and f.get("sha256"):
-                got = _sha(path, r)
-                if got is not None and got != f["sha256"]:
-                    r.add(
-                        "model-file-changed",
-                        f"model {key}: {path} has another sha256 than the pin",
-                        path=path,
-                        expected=f["sha256"],
-                        found=got,
-                    )
-    runtime = plan.get("runtime") or {}
-    store = runtime.get("store_path")
-    if isinstance(store, str) and store not in missing:
-        python = os.path.join(store, "bin", "python")
-        if not os.path.isdir(store):
-            missing.add(store)
-            r.add("store-path-missing", f"runtime store path {store} is missing", path=store, expected="runtime", found=None)
-        elif not os.path.exists(python):
-            r.add("runtime-python-missing", f"{python} is missing", path=python, expected="bin/python", found=None)
-    return missing
+        store = (plan.get("runtime") or {}).get("store_path")
+        if isinstance(store, str):
+            paths.setdefault(store, {"kind": "runtime", "marker_sha256": None, "files": None})["kind"] = "runtime"
+    record = {} if hash_files else read_record(root)
+    for path, e in paths.items():
+        res = check_path(path, e["kind"], e["files"], marker_sha256=e["marker_sha256"], full=hash_files, last=record.get(path))
+        if res["status"] == STORE_ERROR:
+            r.skip("store", str(res.get("error")), path=path)
+            continue
+        if e["files"] is not None:
+            r.checked["model_files"] += res["files"]
+        for prob in res["problems"]:
+            r.add(prob["what"], prob["message"], path=prob["path"], expected=prob["expected"], found=prob["found"])
 
 
 def _process_runs(probes: Any, pid: int, argv: list[str]) -> tuple[bool, list[str] | None]:
@@ -488,8 +520,23 @@ def _check_instance(inst: dict[str, Any], plan: dict[str, Any], probes: Any, htt
     model = (plan.get("models") or {}).get(inst.get("model")) or {}
     want_root = model.get("store_path") or _flag(argv, "--model")
     try:
-        doc = probes.get_json(url, http_timeout)
+        key, source = api_key(inst)
+    except KeyFileMissing as exc:
+        r.add("instance-api-key-file", str(exc), instance=name, path=exc.path, expected="the instance's API key file", found=None)
+        return
     except ProbeError as exc:
+        r.skip("api-key", f"{exc} (the check's own configuration, not drift of the host)", instance=name)
+        return
+    try:
+        doc = probes.get_json(url, http_timeout, {"Authorization": f"Bearer {key}"} if key else None)
+    except ProbeError as exc:
+        if exc.status == 401:
+            if key:
+                why = f"refuses the instance's API key from {source}: the server runs with another key"
+            else:
+                why = "requires an API key, and the plan gives the instance none"
+            r.add("instance-api-key", f"{url} {why} (HTTP 401)", instance=name, expected=source or "no key", found="HTTP 401")
+            return
         r.add("instance-unreachable", f"{exc}", instance=name, expected=url, found=str(exc))
         return
     entry, names = _models_entry(doc, served)
@@ -518,6 +565,58 @@ def _check_instance(inst: dict[str, Any], plan: dict[str, Any], probes: Any, htt
             expected=inst.get("max_model_len"),
             found=entry.get("max_model_len"),
         )
+
+
+API_KEY_VAR = "VLLM_API_KEY"
+
+
+class KeyFileMissing(ProbeError):
+    """The plan gives an instance a key file that is not on the host: drift, the role writes it."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def read_key_file(path: str) -> str:
+    """The key of an API key file as verify reads it: a VLLM_API_KEY=<key> line, or the bare key alone."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise KeyFileMissing(f"API key file {path} is missing (the plan gives the instance a key)", path) from None
+    except PermissionError:
+        raise ProbeError(f"API key file {path} is not readable by this user (root-owned 0600: run the check as root)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProbeError(f"API key file {path} could not be read: {type(exc).__name__}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    for ln in lines:
+        if ln.startswith(API_KEY_VAR + "="):
+            return ln[len(API_KEY_VAR) + 1 :].strip().strip("'\"")
+    if len(lines) == 1 and "=" not in lines[0]:
+        return lines[0]
+    raise ProbeError(f"API key file {path} holds no {API_KEY_VAR}=<key> line and is not a bare key")
+
+
+def api_key(inst: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(key, where it came from) for an instance of the plan; (None, None) when the plan gives it no key.
+
+    Like verify: the environment variable the instance's api_key_env names, else its api_key_file.
+    """
+    env, path = inst.get("api_key_env"), inst.get("api_key_file")
+    if isinstance(env, str) and env:
+        key = os.environ.get(env, "")
+        if not key:
+            raise ProbeError(f"environment variable {env} (the instance's API key) is not set or empty")
+        return key, f"environment variable {env}"
+    if isinstance(path, str) and path:
+        key = read_key_file(path)
+        if not key or any(c in key for c in "\r\n\0"):
+            raise ProbeError(f"API key file {path} holds an empty or invalid key")
+        return key, f"API key file {path}"
+    if inst.get("api_key_required"):
+        raise ProbeError(f"instance {inst.get('name')} requires an API key and the plan names neither api_key_file nor api_key_env")
+    return None, None
 
 
 def _flag(argv: list[str], flag: str) -> str | None:
@@ -614,7 +713,7 @@ def check_host(
                         expected=generation,
                         found=plan.get("generation"),
                     )
-            _check_store(manifest, plan, hash_files, r)
+            _check_store(root, manifest, plan, hash_files, r)
     if plan is not None:
         mirror = (plan.get("site") or {}).get("mirror") if isinstance(plan.get("site"), dict) else None
         if isinstance(mirror, dict) and mirror.get("host") == plan.get("host"):
@@ -638,6 +737,109 @@ def check_host(
     return result
 
 
+def converged(root: str, result: dict[str, Any], expect: dict[str, Any], probes: Any) -> list[str]:
+    """Why the host is not converged to what the control node expects (empty: it is); see DOCUMENTATION."""
+    why: list[str] = []
+    want = expect.get("generation")
+    running = result.get("generation")
+    if not want or running != want:
+        why.append(f"runs generation {running or 'none'}, the plan is {want}")
+    if result["drift"]:
+        whats = sorted({str(d.get("what")) for d in result["drift"]})
+        why.append(f"{len(result['drift'])} drift ({', '.join(whats)})")
+    if result["unchecked"]:
+        why.append("unchecked: " + "; ".join(f"{u.get('what')}: {u.get('reason')}" for u in result["unchecked"]))
+    if why:
+        return why  # the rest describes the generation the host runs: only worth it when that one is planned
+    gen_dir = os.path.join(root, "generations", running)
+    if not os.path.isfile(os.path.join(gen_dir, "verified.json")) or os.path.exists(os.path.join(gen_dir, "failed.json")):
+        why.append(f"generation {running} has not passed verify")
+    if os.path.lexists(os.path.join(root, "pending-restart.json")):
+        why.append("restarts are pending (pending-restart.json)")
+    why += _expected_keys(expect)
+    service = expect.get("service") or {}
+    for kind, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
+        if service.get(kind):
+            try:
+                lookup(str(service[kind]))
+            except KeyError:
+                why.append(f"service {kind} {service[kind]} does not exist")
+    try:
+        packages = [str(p) for p in expect.get("system_packages") or []]
+        states = probes.package_states(packages) if packages else {}
+        missing = [p for p in packages if states.get(p) != "installed"]
+        if missing:
+            why.append(f"system packages not installed: {', '.join(missing)}")
+        why += _driver(expect.get("driver"), probes)
+    except ProbeError as exc:
+        why.append(f"cannot check: {exc}")
+    script_sha = expect.get("store_check_sha256")
+    if script_sha:
+        script = os.path.join(root, "tools", "llmfleet_store.py")
+        try:
+            found = sha256_file(script)
+        except OSError:
+            found = None
+        if found != script_sha:
+            why.append(f"{script} is {'missing' if found is None else 'another version'}")
+        try:
+            timer = probes.unit_state(STORE_TIMER)
+            if timer.get("ActiveState") != "active" or timer.get("UnitFileState") != "enabled":
+                why.append(f"{STORE_TIMER} is {timer.get('ActiveState')} and {timer.get('UnitFileState') or 'not installed'}")
+        except ProbeError as exc:
+            why.append(f"cannot check {STORE_TIMER}: {exc}")
+    return why
+
+
+STORE_TIMER = "llmfleet-store-check.timer"
+
+
+def _expected_keys(expect: dict[str, Any]) -> list[str]:
+    """Each keyed instance's key file holds the expected key, root-owned 0600; no other key file is there."""
+    why = []
+    key_dir = expect.get("api_key_dir")
+    wanted = expect.get("api_key_sha256") or {}
+    for name, digest in sorted(wanted.items()):
+        path = os.path.join(str(key_dir), f"{name}.env")
+        try:
+            st = os.lstat(path)
+            key = read_key_file(path)
+        except (OSError, ProbeError) as exc:
+            why.append(f"API key of {name}: {exc}")
+            continue
+        if hashlib.sha256(key.encode()).hexdigest() != digest:
+            why.append(f"API key of {name}: {path} holds another key than the inventory's")
+        elif not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o600:
+            why.append(f"API key of {name}: {path} is not a root-owned 0600 file")
+    if key_dir:
+        try:
+            present = {f[: -len(".env")] for f in os.listdir(str(key_dir)) if f.endswith(".env")}
+        except FileNotFoundError:
+            present = set()
+        except OSError as exc:
+            return [*why, f"{key_dir}: {_one_line(exc)}"]
+        stray = sorted(present - set(wanted))
+        if stray:
+            why.append(f"key files of instances without a key: {', '.join(stray)}")
+    return why
+
+
+def _driver(driver: Any, probes: Any) -> list[str]:
+    """On a GPU host: the loaded NVIDIA kernel module is the version pinned for this distribution."""
+    if not isinstance(driver, dict):
+        return []
+    release = dict(line.split("=", 1) for line in (probes.read_text("/etc/os-release") or "").splitlines() if "=" in line)
+    dist = release.get("ID", "").strip('"').lower()
+    version = release.get("VERSION_ID", "").strip('"')
+    key = f"{dist}-{version if dist == 'ubuntu' else version.split('.')[0]}"
+    pin = (driver.get("distributions") or {}).get(key)
+    if not isinstance(pin, dict) or not pin.get("version"):
+        return [f"the plan pins no NVIDIA driver for {key}"]
+    upstream = re.sub(r"-.*$", "", re.sub(r"^[0-9]+:", "", str(pin["version"])))
+    loaded = (probes.read_text("/sys/module/nvidia/version") or "").strip()
+    return [] if loaded == upstream else [f"NVIDIA driver {loaded or 'not loaded'}, the plan pins {upstream}"]
+
+
 def main() -> None:
     from ansible.module_utils.basic import AnsibleModule
 
@@ -648,14 +850,28 @@ def main() -> None:
             "hash_files": {"type": "bool", "default": True},
             "http_timeout": {"type": "float", "default": 5.0},
             "mirror_dir": {"type": "path", "default": "/srv/llmfleet/mirror"},
+            "missing_root_ok": {"type": "bool", "default": False},
+            "expect": {"type": "dict"},
         },
         supports_check_mode=True,
     )
     p = module.params
+    probes = Probes()
     try:
-        result = check_host(
-            p["root"], p["unit_dir"], Probes(), hash_files=p["hash_files"], http_timeout=p["http_timeout"], mirror_dir=p["mirror_dir"]
-        )
+        if p["missing_root_ok"] and not os.path.lexists(p["root"]):
+            r = Report()
+            r.add(
+                "current-missing", f"{p['root']} does not exist (nothing deployed)", path=p["root"], expected="generations/<id>", found=None
+            )
+            result = {"generation": None, "host": None, "root": p["root"], "drift": r.drift}
+            result.update(unchecked=[], checked=r.checked, schema=SCHEMA)
+        else:
+            result = check_host(
+                p["root"], p["unit_dir"], probes, hash_files=p["hash_files"], http_timeout=p["http_timeout"], mirror_dir=p["mirror_dir"]
+            )
+        if p["expect"] is not None:
+            why = converged(p["root"], result, p["expect"], probes)
+            result.update(converged=not why, not_converged=why)
     except RootUnreadable as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""Fleet rollout on the lab fleet: batches, gates, rollback, faults, drift and gc (issues 5 and 7).
+"""Fleet rollout on the lab fleet: batches, gates, rollback, faults, drift, store repair and gc.
 
 The scenarios run in file order on one fleet; each starts from the state the previous one left:
 G0 is the lock's tiny model, G2 and G4 are new pins of it (changed generation_config, extra file),
@@ -109,17 +109,29 @@ def test_first_rollout_serves_the_planned_generation_everywhere(fleet: Run) -> N
 
 
 def test_no_change_rollout_changes_nothing_and_skips_verified_hosts() -> None:
+    # every stage (what a no-change rollout did before the fast path), then the fast path
+    full = playbook("site.yml", "-e", "rollout_fast_path=false")
     run = playbook("site.yml")
-    assert run.rc == 0, run.failures()
-    counts = recap(run)
-    assert set(counts) == set(HOSTS)
-    assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), counts
-    assert_serving(HOSTS, STATE["G0"])
+    for r in (full, run):
+        assert r.rc == 0, r.failures()
+        counts = recap(r)
+        assert set(counts) == set(HOSTS)
+        assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), counts
+        assert_serving(HOSTS, STATE["G0"])
+        for host in HOSTS:
+            summary = r.host_summary(host)
+            assert summary["verify"] == "skipped" and not summary.get("switched")
     for host in HOSTS:
-        summary = run.host_summary(host)
-        assert summary["verify"] == "skipped" and not summary.get("switched")
+        assert not full.host_summary(host)["converged"] and run.host_summary(host)["converged"]
+    # the least work that proves it: validate's plan, the include of the rollout's plan, one probe of the host,
+    # the decision, the report (ok=5); every stage is ~80
+    assert all(c["ok"] <= 5 for c in recap(run).values()), recap(run)
+    assert all(c["ok"] > 40 for c in recap(full).values()), recap(full)
     FIGURES["no-change rollout of the converged fleet (batches 1, 25 %, 100 %), s"] = round(run.wall_s, 1)
     FIGURES["no-change rollout, per host, s"] = per_host_seconds(run)
+    FIGURES["no-change rollout, every stage (rollout_fast_path=false, as before the fast path), s"] = round(full.wall_s, 1)
+    FIGURES["no-change rollout, every stage, per host, s"] = per_host_seconds(full)
+    FIGURES["no-change rollout, tasks ok per host: fast path / every stage"] = f"{recap(run)['fl1']['ok']} / {recap(full)['fl1']['ok']}"
 
 
 def task_statuses(run: Run, task: str) -> dict[str, str]:
@@ -141,7 +153,8 @@ def task_statuses(run: Run, task: str) -> dict[str, str]:
 
 
 def test_check_diff_on_the_converged_fleet_reports_no_change() -> None:
-    run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}')
+    # every stage in check mode (the fast path would end each host after its probe: no_change covers it)
+    run = playbook("site.yml", "--check", "--diff", "-e", '{"rollout_batches": ["100%"]}', "-e", "rollout_fast_path=false")
     assert run.rc == 0, run.failures()
     assert all(c["changed"] == 0 for c in recap(run).values()), recap(run)
     # no change because nothing would change, not because check mode skipped the stages
@@ -184,6 +197,57 @@ def test_drift_names_a_changed_unit_and_the_switch_repairs_it() -> None:
     run = playbook("playbooks/switch.yml", "-l", "fl4")
     assert run.rc == 0 and recap(run)["fl4"]["changed"] >= 1, run.failures()
     assert drift()[0] == 0
+
+
+def main_pid(host: str, unit: str = "llmfleet-vllm@tiny.service") -> int:
+    return int(ssh(host, f"systemctl show -p MainPID --value {unit}").strip() or 0)
+
+
+def store_check(host: str) -> int:
+    """Run the host's scheduled full check of the store now; its exit status (0 intact, 3 damage found)."""
+    unit = "llmfleet-store-check.service"
+    return int(ssh(host, f"systemctl start {unit}; systemctl show -p ExecMainStatus --value {unit}", check=False).strip() or -1)
+
+
+def store_path(host: str) -> str:
+    plan = json.loads(machine_path(host, f"{ROOT}/current/plan.json").read_text())
+    return str(plan["models"]["tiny-llama"]["store_path"])
+
+
+def test_one_byte_appended_to_a_store_file_is_found_repaired_and_served_from_a_good_path() -> None:
+    path = store_path("fl1")
+    store = machine_path("fl1", path)
+    weights = store / "model.safetensors"
+    size, inode, pid = weights.stat().st_size, store.stat().st_ino, main_pid("fl1")
+    # the host's timer: a full check, its textfile and record
+    assert store_check("fl1") == 0
+    prom = machine_path("fl1", "/var/lib/prometheus/node-exporter/llmfleet_store.prom").read_text()
+    assert f'llmfleet_store_path_ok{{path="{path}",kind="model",current="true"}} 1' in prom, prom
+    with weights.open("ab") as f:
+        f.write(b"\x00")  # one byte appended
+    assert store_check("fl1") == 3
+    prom = machine_path("fl1", "/var/lib/prometheus/node-exporter/llmfleet_store.prom").read_text()
+    assert f'llmfleet_store_path_ok{{path="{path}",kind="model",current="true"}} 0' in prom, prom
+    rc, doc = drift("-l", "fl1", "--no-hash")
+    assert rc == 3 and [d["what"] for d in doc["hosts"]["fl1"]["drift"]] == ["model-file-changed"], doc["hosts"]["fl1"]
+
+    watch = Downtime("fl1")
+    run = playbook("site.yml", "-l", "fl1")
+    down = watch.stop()
+    assert run.rc == 0, run.failures()
+    summary = run.host_summary("fl1")
+    assert summary["repaired"] == [os.path.basename(path)] and not summary["switched"] and summary["verify"] == "passed", summary
+    assert store.stat().st_ino != inode, "the damaged path was not rebuilt beside itself"
+    assert weights.stat().st_size == size
+    assert main_pid("fl1") not in (0, pid), "the instance still runs the process that loaded the damaged file"
+    assert served_root("fl1") == path and health("fl1") == 200
+    assert not machine_path("fl1", f"{ROOT}/pending-restart.json").exists()
+    assert_serving(["fl1"], STATE["G0"])
+    rc, doc = drift("-l", "fl1")  # every weight hashed
+    assert rc == 0 and doc["hosts"]["fl1"]["drift"] == [], doc["hosts"]["fl1"]
+    assert store_check("fl1") == 0
+    FIGURES["a damaged store file: repair rollout of fl1 (rebuild beside, restart, verify), s"] = round(run.wall_s, 1)
+    FIGURES["a damaged store file: fl1 down while it restarted on the rebuilt path, s"] = down
 
 
 def test_a_file_corrupted_upstream_is_refused_by_the_mirror_and_fl1_keeps_serving(scratch: Path) -> None:

@@ -115,7 +115,7 @@ def run_case(case: dict[str, Any], tmp: Path) -> tuple[int, str]:
         lock = _edit(json.loads(DEFAULT_LOCK.read_text()), case["lock"])
         path = tmp / "lock.json"
         path.write_text(json.dumps(lock))
-        return _run(plan_cli.main, ["-i", str(REPO / "inventory" / "lab"), "--host", "lab1", "--strict", "--lock", str(path)])
+        return _run(plan_cli.main, ["-i", str(REPO / "inventory" / "lab"), "-l", "lab1", "--strict", "--lock", str(path)])
     if kind == "verify":
         hosts = load_inventory(REPO / "inventory" / "lab", "lab1")
         plan = _edit(evaluate_host("lab1", hosts["lab1"], load_lock()), case.get("plan") or {})

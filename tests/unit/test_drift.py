@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,13 +122,27 @@ def write_generation(root: Path, plan: dict[str, Any], generation: str) -> Path:
 
 
 class Host:
-    """A deployed lab1 in tmp_path: root, unit dir, a fake systemd/proc, the served models."""
+    """A deployed lab1 in tmp_path: root, unit dir, a fake systemd/proc, the served models.
 
-    def __init__(self, tmp_path: Path, server: ThreadingHTTPServer, root: Path | None = None) -> None:
+    ``port``: where the instance's /v1/models answers (default: the module's test server); ``edit``
+    changes the plan before the generation is written (as the evaluator would have planned it);
+    ``root``: the llmfleet root (default under tmp_path).
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        server: ThreadingHTTPServer | None,
+        root: Path | None = None,
+        port: int | None = None,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.root = root or tmp_path / "var" / "lib" / "llmfleet"
         self.unit_dir = tmp_path / "etc" / "systemd" / "system"
         self.unit_dir.mkdir(parents=True)
-        plan = real_plan(self.root, server.server_address[1])
+        plan = real_plan(self.root, port if port is not None else server.server_address[1] if server else 0)
+        if edit is not None:
+            edit(plan)
         # model files with content made here: the plan keeps the pin's paths, with these hashes and sizes
         for key, model in plan["models"].items():
             store = Path(model["store_path"])
@@ -164,6 +180,7 @@ class Host:
             ],
         }
         self.systemctl_error: str | None = None
+        self.packages: dict[str, str] = {}
 
     # the probes interface of the module
     def unit_state(self, unit: str) -> dict[str, str]:
@@ -182,8 +199,14 @@ class Host:
     def children_of(self, pid: int) -> list[int]:
         return self.children.get(pid, [])
 
-    def get_json(self, url: str, timeout: float) -> Any:
-        return drift_module.Probes().get_json(url, timeout)
+    def get_json(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
+        return drift_module.Probes().get_json(url, timeout, headers)
+
+    def package_states(self, names: list[str]) -> dict[str, str]:
+        return {n: self.packages[n] for n in names if n in self.packages}
+
+    def read_text(self, path: str) -> str | None:
+        return None
 
     def check(self, **kw: Any) -> dict[str, Any]:
         probes = _ProbesView(self)
@@ -197,6 +220,8 @@ class _ProbesView:
         self.cmdline = host.cmdline
         self.children = host.children_of
         self.get_json = host.get_json
+        self.package_states = host.package_states
+        self.read_text = host.read_text
 
 
 @pytest.fixture
@@ -245,14 +270,15 @@ def test_changed_installed_unit(host: Host) -> None:
 
 
 def test_corrupted_model_file_same_size(host: Host) -> None:
+    time.sleep(0.05)  # a change lands on a later clock tick than the marker
     data = bytearray(host.model_file.read_bytes())
     data[0] ^= 0xFF
     host.model_file.write_bytes(bytes(data))
     r = host.check()
     assert whats(r) == ["model-file-changed"]
     assert r["drift"][0]["path"] == str(host.model_file)
-    # sizes only: the same size is not seen
-    assert host.check(hash_files=False)["drift"] == []
+    # without hashing every file: it was written after the marker, so it is hashed and seen
+    assert whats(host.check(hash_files=False)) == ["model-file-changed"]
 
 
 def test_truncated_model_file_is_seen_without_hashing(host: Host) -> None:
@@ -429,6 +455,192 @@ def test_module_print_mode_without_ansible(tmp_path: Path) -> None:
     assert done.returncode == 1 and "absent: does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
+# --- the store, as module_utils/llmfleet_store checks it ---------------------------------------------
+
+
+def test_a_file_the_pin_does_not_name_in_a_model_path(host: Host) -> None:
+    extra = Path(host.plan["models"][host.inst["model"]]["store_path"]) / "extra.safetensors"
+    extra.write_bytes(b"x")
+    r = host.check(hash_files=False)
+    assert whats(r) == ["store-file-unexpected"] and r["drift"][0]["path"] == str(extra)
+
+
+def test_a_runtime_file_changed_after_completion(host: Host) -> None:
+    time.sleep(0.05)
+    python = Path(host.plan["runtime"]["store_path"]) / "bin" / "python"
+    python.write_text("#!/bin/sh\n")  # same path, written after the marker
+    r = host.check(hash_files=False)
+    assert whats(r) == ["store-path-changed"]
+    assert r["drift"][0]["found"] == ["bin/python"]
+
+
+def test_damage_the_last_full_check_found_is_drift_until_the_path_is_replaced(host: Host) -> None:
+    store = host.plan["models"][host.inst["model"]]["store_path"]
+    problem = {"what": "model-file-changed", "path": str(host.model_file), "expected": "a", "found": "b", "message": "sha256 differs"}
+    st = os.stat(store)
+    record = {"schema": 1, "paths": {store: {"status": "damaged", "problems": [problem], "dir": [st.st_dev, st.st_ino], "time": "T"}}}
+    (host.root / "store-check.json").write_text(json.dumps(record))
+    r = host.check(hash_files=False)
+    assert whats(r) == ["model-file-changed"] and "the full check of T found it" in r["drift"][0]["message"]
+    assert host.check()["drift"] == []  # a full check hashes again: the files match their pins
+    record["paths"][store]["dir"] = [st.st_dev, st.st_ino + 1]  # the path was rebuilt since
+    (host.root / "store-check.json").write_text(json.dumps(record))
+    assert host.check(hash_files=False)["drift"] == []
+
+
+# --- API keys: as verify reads them (the fake vLLM of the verify tests) -----------------------------
+
+KEY = "lab-key-0123456789abcdefghij"
+
+
+def keyed(key_file: Path | None = None, env: str | None = None) -> Callable[[dict[str, Any]], None]:
+    def edit(plan: dict[str, Any]) -> None:
+        inst = plan["instances"][0]
+        inst.update(api_key_required=True, api_key_file=str(key_file) if key_file else None)
+        if env:
+            inst["api_key_env"] = env
+
+    return edit
+
+
+@pytest.fixture
+def fake_vllm() -> Any:
+    sys.path.insert(0, str(REPO / "tests" / "unit" / "verify"))
+    from fake_vllm import Behaviour, serve
+
+    with serve(Behaviour(api_key=KEY, max_model_len=2048)) as (url, fake):
+        yield int(url.rsplit(":", 1)[1]), fake
+
+
+def keyed_host(tmp_path: Path, fake_vllm: Any, key_file_text: str | None, **kw: Any) -> Host:
+    port, fake = fake_vllm
+    key_file = tmp_path / "api-keys" / "tiny.env"
+    if key_file_text is not None:
+        key_file.parent.mkdir()
+        key_file.write_text(key_file_text)
+    host = Host(tmp_path, None, port=port, edit=kw.pop("edit", keyed(key_file)))
+    fake.b.root = host.plan["models"][host.inst["model"]]["store_path"]
+    return host
+
+
+@pytest.mark.parametrize("text", [f"VLLM_API_KEY={KEY}\n", f"{KEY}\n"])
+def test_an_instance_with_a_key_is_asked_with_it(tmp_path: Path, fake_vllm: Any, text: str) -> None:
+    host = keyed_host(tmp_path, fake_vllm, text)
+    r = host.check(hash_files=False)
+    assert r["drift"] == [] and r["unchecked"] == []
+    assert fake_vllm[1].state.authorizations[-1] == f"Bearer {KEY}"
+
+
+def test_a_401_with_the_instance_s_key_is_drift(tmp_path: Path, fake_vllm: Any) -> None:
+    host = keyed_host(tmp_path, fake_vllm, "VLLM_API_KEY=another-key-0123456789\n")
+    r = host.check(hash_files=False)
+    assert whats(r) == ["instance-api-key"] and "runs with another key" in r["drift"][0]["message"]
+
+
+def test_a_401_from_an_instance_the_plan_gives_no_key_is_drift(tmp_path: Path, fake_vllm: Any) -> None:
+    host = keyed_host(tmp_path, fake_vllm, None, edit=lambda plan: None)
+    r = host.check(hash_files=False)
+    assert whats(r) == ["instance-api-key"] and "the plan gives the instance none" in r["drift"][0]["message"]
+
+
+def test_a_missing_key_file_is_drift(tmp_path: Path, fake_vllm: Any) -> None:
+    host = keyed_host(tmp_path, fake_vllm, None)
+    r = host.check(hash_files=False)
+    assert whats(r) == ["instance-api-key-file"]
+    assert fake_vllm[1].state.authorizations == []  # nothing was sent without the key
+
+
+def test_a_key_the_check_cannot_read_is_a_configuration_error_not_drift(
+    tmp_path: Path, fake_vllm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLMFLEET_TEST_KEY", raising=False)
+    host = keyed_host(tmp_path, fake_vllm, None, edit=keyed(None, env="LLMFLEET_TEST_KEY"))
+    r = host.check(hash_files=False)
+    assert r["drift"] == [] and [u["what"] for u in r["unchecked"]] == ["api-key"]
+    assert "LLMFLEET_TEST_KEY" in r["unchecked"][0]["reason"] and "not drift" in r["unchecked"][0]["reason"]
+    monkeypatch.setenv("LLMFLEET_TEST_KEY", KEY)  # the environment, as verify's --api-key-env
+    assert host.check(hash_files=False)["drift"] == []
+    env = fleet_drift.envelope({"lab1": {}}, {"lab1": {"generation": host.generation}}, [], {"lab1": {**r, "changed": False}})
+    assert env["hosts"]["lab1"]["status"] == "error" and drift_cli.exit_code(env) == 1
+
+
+# --- converged: the rollout's fast path ---------------------------------------------------------------
+
+
+def expect(host: Host, **extra: Any) -> dict[str, Any]:
+    return {"generation": host.generation, **extra}
+
+
+def test_a_verified_host_without_drift_is_converged(host: Host) -> None:
+    (host.gen / "verified.json").write_text("{}")
+    assert drift_module.converged(str(host.root), host.check(hash_files=False), expect(host), host) == []
+
+
+def test_reasons_a_host_is_not_converged(host: Host) -> None:
+    r = host.check(hash_files=False)
+    assert drift_module.converged(str(host.root), r, expect(host), host) == [f"generation {host.generation} has not passed verify"]
+    (host.gen / "verified.json").write_text("{}")
+    assert drift_module.converged(str(host.root), r, {"generation": "ffff0000ffff0000ffff0000"}, host)[0].startswith(
+        f"runs generation {host.generation}, the plan is ffff"
+    )
+    (host.root / "pending-restart.json").write_text('["tiny"]\n')
+    assert drift_module.converged(str(host.root), r, expect(host), host) == ["restarts are pending (pending-restart.json)"]
+    (host.root / "pending-restart.json").unlink()
+    host.units[host.inst["unit"]]["ActiveState"] = "failed"
+    assert drift_module.converged(str(host.root), host.check(hash_files=False), expect(host), host) == ["1 drift (instance-inactive)"]
+    host.units[host.inst["unit"]]["ActiveState"] = "active"
+    why = drift_module.converged(str(host.root), r, expect(host, service={"user": "no-such-user-x"}, system_packages=["libnuma1"]), host)
+    assert why == ["service user no-such-user-x does not exist", "system packages not installed: libnuma1"]
+    host.packages["libnuma1"] = "installed"
+    assert drift_module.converged(str(host.root), r, expect(host, system_packages=["libnuma1"]), host) == []
+
+
+def test_key_files_must_hold_the_inventory_s_keys(host: Host, tmp_path: Path) -> None:
+    (host.gen / "verified.json").write_text("{}")
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / "tiny.env").write_text(f"VLLM_API_KEY={KEY}\n")
+    (keys / "tiny.env").chmod(0o600)
+    r = host.check(hash_files=False)
+    want = expect(host, api_key_dir=str(keys), api_key_sha256={"tiny": hashlib.sha256(KEY.encode()).hexdigest()})
+    assert drift_module.converged(str(host.root), r, want, host) == []
+    (keys / "tiny.env").chmod(0o644)
+    assert drift_module.converged(str(host.root), r, want, host) == [f"API key of tiny: {keys}/tiny.env is not a root-owned 0600 file"]
+    (keys / "tiny.env").chmod(0o600)
+    (keys / "old.env").write_text("VLLM_API_KEY=x\n")
+    assert drift_module.converged(str(host.root), r, want, host) == ["key files of instances without a key: old"]
+    (keys / "old.env").unlink()
+    want["api_key_sha256"]["tiny"] = hashlib.sha256(b"rotated-key").hexdigest()
+    assert drift_module.converged(str(host.root), r, want, host) == [
+        f"API key of tiny: {keys}/tiny.env holds another key than the inventory's"
+    ]
+
+
+def test_the_store_checker_and_its_timer_must_be_in_place(host: Host) -> None:
+    (host.gen / "verified.json").write_text("{}")
+    r = host.check(hash_files=False)
+    script = REPO / "module_utils" / "llmfleet_store.py"
+    want = expect(host, store_check_sha256=hashlib.sha256(script.read_bytes()).hexdigest())
+    why = drift_module.converged(str(host.root), r, want, host)
+    assert why == [f"{host.root}/tools/llmfleet_store.py is missing", "llmfleet-store-check.timer is inactive and not installed"]
+    (host.root / "tools").mkdir()
+    shutil.copy(script, host.root / "tools" / "llmfleet_store.py")
+    host.units["llmfleet-store-check.timer"] = {"ActiveState": "active", "UnitFileState": "enabled", "MainPID": "0"}
+    assert drift_module.converged(str(host.root), r, want, host) == []
+
+
+def test_a_gpu_host_runs_the_pinned_driver(host: Host) -> None:
+    driver = {"branch": "580", "distributions": {"ubuntu-24.04": {"version": "580.95.05-0ubuntu0.24.04.2"}}}
+    files = {"/etc/os-release": 'ID=ubuntu\nVERSION_ID="24.04"\n', "/sys/module/nvidia/version": "580.95.05\n"}
+    probes = _ProbesView(host)
+    probes.read_text = files.get  # type: ignore[attr-defined]
+    assert drift_module._driver(driver, probes) == []
+    files["/sys/module/nvidia/version"] = "570.1\n"
+    assert drift_module._driver(driver, probes) == ["NVIDIA driver 570.1, the plan pins 580.95.05"]
+    files["/etc/os-release"] = "ID=debian\nVERSION_ID=12\n"
+    assert drift_module._driver(driver, probes) == ["the plan pins no NVIDIA driver for debian-12"]
+
+
 # --- the CLI: canned ansible results -------------------------------------------------------------
 
 PLANNED = "0c28777deafdebb076eccef9"
@@ -538,6 +750,16 @@ def test_cli_json_and_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 
     monkeypatch.setattr(fleet_drift, "run_ansible", canned({"lab1": module_ok(planned["lab1"])}))
     assert drift_cli.main(["-i", "inventory/lab", "-l", "lab1", "--json"]) == 0
+
+
+def test_cli_says_what_it_checks_while_it_works(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], planned: dict[str, str]
+) -> None:
+    monkeypatch.setattr(fleet_drift, "run_ansible", canned({h: module_ok(planned[h]) for h in planned}))
+    assert drift_cli.main(["-i", "inventory/lab", "-l", "lab1", "--json", "--no-hash"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "drift: checking the hosts of inventory/lab -l lab1 (sizes and change times of the store)…"
+    assert err[-1].startswith("drift: checking the hosts of inventory/lab -l lab1 (sizes and change times of the store): done in ")
 
 
 def test_cli_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], planned: dict[str, str]) -> None:

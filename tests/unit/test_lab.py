@@ -416,3 +416,34 @@ def test_status_check_names_the_hosts_that_are_down_and_the_command_that_starts_
     up["lab2"] = True
     assert lab.main(["status", "--check", "-i", str(inventory)], paths) == 0
     assert "lab1, lab2 running, ssh ready" in capsys.readouterr().out
+
+
+def test_up_says_what_it_waits_for(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps of `up` that take a while (unpacking roots, booting until ssh answers) each print a line first."""
+
+    class Proc:
+        pid = 4242
+
+    tarball = tmp_path / "cache" / "rootfs.tar"
+    for name, fake in {
+        "_require_root": lambda command: None,
+        "require_tools": lambda names, which=None: None,
+        "ensure_ssh_key": lambda paths: None,
+        "find_nspawn": lambda root, pidfile: None,
+        "ensure_bridge": lambda segment=None: None,
+        "ensure_nat": lambda paths: None,
+        "ensure_rootfs": lambda spec, paths, console: tarball,
+        "ensure_machine_root": lambda host, hosts, tarball, paths: True,
+        "ensure_host_link": lambda host: None,
+        "start_host": lambda host, paths: Proc(),
+        "wait_for_ssh": lambda started, hosts, paths, timeout: None,
+    }.items():
+        monkeypatch.setattr(lab, name, fake)
+    code, out, _ = run_main(capsys, tmp_path, "up", "-i", str(REPO / "inventory" / "lab" / "hosts.yml"))
+    assert code == ExitCode.OK
+    lines = out.splitlines()
+    assert "lab1, lab2: unpacking machine roots from rootfs.tar…" in lines
+    assert "lab1, lab2: booting, waiting for ssh (at most 90 s)…" in lines
+    assert lines.index("lab1, lab2: booting, waiting for ssh (at most 90 s)…") < lines.index(
+        "lab1: started (pid 4242, 10.213.0.11), ssh ready after 0 s"
+    )

@@ -52,15 +52,27 @@ def test_lab_inventory_plans_both_hosts_as_json() -> None:
     assert lab2["tensor_parallel"] * lab2["pipeline_parallel"] == 2
 
 
-def test_host_filter_and_human_table() -> None:
-    r = plan_cli("-i", "inventory/lab", "--host", "lab1")
+def test_limit_and_human_table() -> None:
+    r = plan_cli("-i", "inventory/lab", "-l", "lab1")
     assert r.returncode == 0, r.stderr
     assert "lab1" in r.stdout and "lab2" not in r.stdout and "tiny-llama" in r.stdout
+    assert r.stderr == ""
+
+
+def test_limit_is_an_ansible_pattern_and_the_old_host_flag_still_works_with_a_note() -> None:
+    r = plan_cli("-i", "inventory/lab", "--limit", "all:!lab1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["plans"]) == {"lab2"}
+    old = plan_cli("-i", "inventory/lab", "--host", "lab1", "--json")
+    assert old.returncode == 0 and set(json.loads(old.stdout)["plans"]) == {"lab1"}
+    assert "--host is deprecated: use -l/--limit" in old.stderr
+    both = plan_cli("-i", "inventory/lab", "--host", "lab1", "-l", "lab2")
+    assert both.returncode == 1 and "disagree" in both.stderr and "Traceback" not in both.stderr
 
 
 def test_a_limit_to_a_host_whose_sites_mirror_is_another_host_plans_it() -> None:
     """The lab fleet's site-a mirror runs on fl1: fl2 alone is planned, not refused for it."""
-    r = plan_cli("-i", "inventory/lab-fleet", "--host", "fl2", "--json", lock=REPO / "pins" / "lock.json")  # names the wheel files
+    r = plan_cli("-i", "inventory/lab-fleet", "-l", "fl2", "--json", lock=REPO / "pins" / "lock.json")  # names the wheel files
     assert r.returncode == 0, r.stdout
     out = json.loads(r.stdout)
     assert set(out["plans"]) == {"fl2"} and out["problems"] == []
@@ -97,7 +109,7 @@ def test_good_tmp_inventory_accepted(tmp_path: Path) -> None:
     ("args", "needle"),
     [
         (["-i", "no/such/inventory"], "inventory no/such/inventory not found"),
-        (["-i", "inventory/lab", "--host", "nohost"], "--host nohost matches no host"),
+        (["-i", "inventory/lab", "-l", "nohost"], "-l/--limit nohost matches no host"),
     ],
 )
 def test_bad_arguments_are_errors_not_tracebacks(args: list[str], needle: str) -> None:

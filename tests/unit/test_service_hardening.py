@@ -175,7 +175,7 @@ def test_plan_cli_json_never_holds_the_key(tmp_path: Path) -> None:
         + f"llmfleet_api_bind: 10.213.0.11\nvllm_service_api_keys:\n  tiny: {SECRET}\n"
     )
     out = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "plan.py"), "-i", str(inv), "--host", "lab1", "--json"],
+        [sys.executable, str(REPO / "tools" / "plan.py"), "-i", str(inv), "-l", "lab1", "--json"],
         capture_output=True,
         text=True,
         check=False,

@@ -52,6 +52,9 @@ def ansible_command(inventory: str, limit: str | None, tree: str, *, hash_files:
 def ansible_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))  # library/ on the module path from any cwd
+    # the module and its helpers even under another ansible.cfg (ANSIBLE_CONFIG set for a site)
+    env.setdefault("ANSIBLE_LIBRARY", str(REPO / "library"))
+    env.setdefault("ANSIBLE_MODULE_UTILS", str(REPO / "module_utils"))
     env["ANSIBLE_DEPRECATION_WARNINGS"] = "false"  # the tree callback's own notice
     env["ANSIBLE_NOCOLOR"] = "1"
     return env

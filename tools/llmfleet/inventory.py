@@ -49,7 +49,8 @@ def load_inventory_limited(source: str | Path, limit: str | None) -> tuple[dict[
     variables = VariableManager(loader=loader, inventory=inventory)
     selected = [h.name for h in inventory.get_hosts(pattern=limit or "all")]
     if limit and not selected:
-        raise InputError(f"--host {limit} matches no host of {source} (hosts: {', '.join(sorted(h.name for h in inventory.get_hosts()))})")
+        known = ", ".join(sorted(h.name for h in inventory.get_hosts()))
+        raise InputError(f"-l/--limit {limit} matches no host of {source} (hosts: {known})")
     result: dict[str, dict[str, Any]] = {}
     for host in inventory.get_hosts(pattern="all"):
         hv = variables.get_vars(host=host, include_hostvars=False)

@@ -572,6 +572,8 @@ def _build_rootfs(spec: RootfsSpec, tarball: Path, lock_fd: int, console: Consol
     started = time.monotonic()
     try:
         root = work / "root"
+        if not console.is_terminal:  # a log (make lab under CI) gets a line; a terminal the spinner below
+            console.print(f"rootfs: debootstrap {spec.suite} into {tarball.name} (about a minute; log {log})…")
         with console.status(f"rootfs: debootstrap {spec.suite} (about a minute)…"):
             _debootstrap(spec, root, log, lock_fd)
             _prepare_rootfs(root, spec)
@@ -1044,9 +1046,13 @@ def cmd_up(args: argparse.Namespace, paths: LabPaths, console: Console) -> ExitC
         for host in hosts:
             if running[host.name] is not None:
                 console.print(f"{host.name}: already running (pid {running[host.name]}, {host.ip})")
+        if to_start:
+            console.print(f"{', '.join(h.name for h in to_start)}: booting, waiting for ssh (at most {args.timeout:g} s)…")
+        booted = time.monotonic()
         wait_for_ssh(started, to_start, paths, args.timeout)
+        took = time.monotonic() - booted
         for host in to_start:
-            console.print(f"{host.name}: started (pid {started[host.name].pid}, {host.ip}), ssh ready")
+            console.print(f"{host.name}: started (pid {started[host.name].pid}, {host.ip}), ssh ready after {took:.0f} s")
     return ExitCode.OK
 
 
@@ -1064,6 +1070,9 @@ def _wipe_hosts(hosts: Sequence[Host], running: Mapping[str, int | None], paths:
 
 def _boot(to_start: Sequence[Host], hosts: Sequence[Host], paths: LabPaths, console: Console) -> dict[str, subprocess.Popen[bytes]]:
     tarball = ensure_rootfs(RootfsSpec(), paths, console)
+    fresh = [h.name for h in to_start if not paths.machine(h.name).is_dir()]
+    if fresh:
+        console.print(f"{', '.join(fresh)}: unpacking machine roots from {tarball.name}…")
     with ThreadPoolExecutor(max_workers=len(to_start)) as pool:  # unpacking is I/O, host keys are CPU
         created = list(pool.map(lambda host: ensure_machine_root(host, hosts, tarball, paths), to_start))
     started = {}

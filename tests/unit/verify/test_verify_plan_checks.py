@@ -154,3 +154,22 @@ def test_decode_rate_against_the_bandwidth_bound(run_cli: RunCli, tmp_path: Path
     tpot = env["load"]["tpot_s"]["p50"]
     assert c["verdict"] == verdict and c["measured"] == pytest.approx(1 / tpot, rel=1e-3)
     assert env["server"]["decode"]["share"] == pytest.approx((1 / tpot) / bound)
+
+
+def test_the_plan_envelope_of_plan_py_and_its_host_by_limit(run_cli: RunCli, tmp_path: Path) -> None:
+    """What tools/plan.py -i INV --json prints is a plan file verify reads: -l/--limit names the host."""
+    with serve(Behaviour(root=STORE + "/")) as (url, _):
+        lab1 = json.loads(write_plan(tmp_path, url).read_text())
+        envelope = {"schema": "llmfleet.plan/1", "ok": True, "plans": {"lab1": lab1, "lab2": {**lab1, "host": "lab2"}}, "problems": []}
+        path = tmp_path / "plans.json"
+        path.write_text(json.dumps(envelope))
+        r = run_cli("--plan", str(path), "-l", "lab1", "--json", *LIGHT)
+        assert r.code == 0, r.err
+        both = run_cli("--plan", str(path), *LIGHT)
+        assert both.code == 1 and both.err == f"verify: plan {path} holds 2 hosts (lab1, lab2): pass -l/--limit HOST\n"
+        glob = run_cli("--plan", str(path), "-l", "lab*", *LIGHT)
+        assert glob.code == 1 and "matches 2 hosts" in glob.err
+        one = tmp_path / "one.json"
+        one.write_text(json.dumps({**envelope, "plans": {"lab2": lab1}}))
+        assert run_cli("--plan", str(one), "--json", *LIGHT).code == 0  # one host: no -l needed
+    assert run_cli("-l", "lab1", "--url", url).err == "verify: usage: -l/--limit needs --plan\n"

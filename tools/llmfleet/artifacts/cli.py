@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from .. import options_scan
-from ..cli.common import ExitCode, run
+from ..cli.common import ExitCode, add_limit, run
 from ..cuda import cuda_build
 from ..errors import LlmfleetError
 from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
@@ -282,9 +282,11 @@ def _fetch_hub(key: str, model: ModelPin, jobs: int) -> None:
 
 def _select(lock: Lock, args: argparse.Namespace) -> tuple[dict[str, RuntimePin], dict[str, ModelPin], bool]:
     """The entries named by --runtime/--model or needed by --inventory (all of them when none is named)."""
+    if getattr(args, "limit", None) and not getattr(args, "inventory", None):
+        raise LlmfleetError("-l/--limit needs -i/--inventory (the hosts whose artifacts to take)")
     if getattr(args, "inventory", None):
         args.runtime, args.model = list(args.runtime), list(args.model)
-        for rt, models in _inventory_needs(lock, args.inventory).items():
+        for rt, models in _inventory_needs(lock, args.inventory, getattr(args, "limit", None)).items():
             args.runtime += [rt] if rt not in args.runtime else []
             args.model += [m for m in models if m not in args.model]
     explicit = bool(args.runtime or args.model)
@@ -297,13 +299,13 @@ def _select(lock: Lock, args: argparse.Namespace) -> tuple[dict[str, RuntimePin]
     return {k: lock.runtimes[k] for k in args.runtime}, {k: lock.models[k] for k in args.model}, True
 
 
-def _inventory_needs(lock: Lock, inventory: str) -> dict[str, list[str]]:
-    """Runtime key → model keys that the hosts of an inventory use (refused plans are errors)."""
+def _inventory_needs(lock: Lock, inventory: str, limit: str | None = None) -> dict[str, list[str]]:
+    """Runtime key → model keys that the hosts of an inventory (-l: some of them) use (refused plans are errors)."""
     from ..errors import PlanRefused
     from ..inventory import load_inventory
     from ..plan import evaluate_fleet
 
-    plans, problems = evaluate_fleet(load_inventory(inventory), lock)
+    plans, problems = evaluate_fleet(load_inventory(inventory, limit), lock)
     if problems:
         raise PlanRefused(problems)
     needs: dict[str, list[str]] = {}
@@ -537,6 +539,7 @@ def parser() -> argparse.ArgumentParser:
         f.add_argument("--runtime", action="append", default=[], help="only this runtime key (repeatable)")
         f.add_argument("--model", action="append", default=[], help="only this model key (repeatable)")
         f.add_argument("-i", "--inventory", help="only what the hosts of this inventory use, e.g. inventory/lab")
+        add_limit(f)
         if name == "fetch":
             f.add_argument("--find-links", action="append", type=Path, default=[], help="local folder of wheels to copy from first")
             f.add_argument("--jobs", type=int, default=4, help="files downloaded at once from a hub (default 4)")

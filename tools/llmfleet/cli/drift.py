@@ -13,13 +13,13 @@ from typing import Any
 
 from ..drift import DRIFT, ENVELOPE, ERROR, OK, REFUSED, drift_hosts
 from ..pins import DEFAULT_LOCK
-from .common import ExitCode, dump_json, run
+from .common import ExitCode, add_limit, dump_json, run, step
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drift.py", description="Compare live hosts with their current generation and the plan.")
     p.add_argument("-i", "--inventory", required=True, help="inventory directory or hosts file, e.g. inventory/lab")
-    p.add_argument("-l", "--limit", help="only these hosts (an Ansible host pattern)")
+    add_limit(p)
     p.add_argument("--lock", help=f"pins lock file (default: $LLMFLEET_LOCK or {DEFAULT_LOCK})")
     p.add_argument("--json", action="store_true", help=f"print a versioned JSON envelope ({ENVELOPE})")
     p.add_argument("--no-hash", action="store_true", help="compare model file sizes only (no sha256 of every weight)")
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def _main() -> int:
-        env = drift_hosts(args.inventory, args.limit, args.lock, hash_files=not args.no_hash, http_timeout=args.http_timeout)
+        what = "sizes and change times of the store" if args.no_hash else "every model file hashed; --no-hash for sizes only"
+        with step(f"drift: checking the hosts of {args.inventory}{' -l ' + args.limit if args.limit else ''} ({what})"):
+            env = drift_hosts(args.inventory, args.limit, args.lock, hash_files=not args.no_hash, http_timeout=args.http_timeout)
         if args.json:
             dump_json(env)
         else:

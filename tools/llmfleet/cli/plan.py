@@ -17,7 +17,7 @@ from ..errors import InputError, Problem
 from ..inventory import load_inventory, load_inventory_limited
 from ..pins import DEFAULT_LOCK, Lock, load_lock
 from ..plan import evaluate_fleet, explain_host, parse_spec, resolve_hardware
-from .common import ExitCode, dump_json, run
+from .common import ExitCode, add_limit, deprecated_limit, dump_json, run
 
 ENVELOPE = "llmfleet.plan/1"
 RECOMMEND_ENVELOPE = "llmfleet.recommend/1"
@@ -27,7 +27,7 @@ DEFAULT_RECOMMEND_LEN = 8192
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plan.py", description="Evaluate inventory spec + pins into per-host plans.")
     p.add_argument("-i", "--inventory", help="inventory directory or hosts file, e.g. inventory/lab")
-    p.add_argument("--host", help="only this host (an Ansible host pattern)")
+    add_limit(p, deprecated=("--host",))
     p.add_argument("--lock", help=f"pins lock file (default: $LLMFLEET_LOCK or {DEFAULT_LOCK})")
     p.add_argument("--json", action="store_true", help="print a versioned JSON envelope for machines")
     p.add_argument("--strict", action="store_true", help="also refuse unresolved pins (what a deploy does)")
@@ -172,7 +172,7 @@ def _recommend_context(args: argparse.Namespace, lock: Lock) -> tuple[str, Any, 
     """(hardware key, hardware profile, runtime key) from the flags or the inventory's first host."""
     hw_key, hw, runtime_key = args.hardware, None, args.runtime
     if args.inventory:
-        hosts = load_inventory(args.inventory, args.host)
+        hosts = load_inventory(args.inventory, args.limit)
         host = sorted(hosts)[0]
         spec = parse_spec(host, hosts[host])
         if hw_key is None:
@@ -289,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the following arguments are required: -i/--inventory (or --recommend MODEL)")
 
     def _main() -> int:
+        args.limit = deprecated_limit(args, "plan.py")
         if args.recommend:
             return _recommend(args)
-        everyone, selected = load_inventory_limited(args.inventory, args.host)
+        everyone, selected = load_inventory_limited(args.inventory, args.limit)
         hosts = {h: everyone[h] for h in selected if h in everyone}
         lock = load_lock(args.lock)
         plans, problems = evaluate_fleet(everyone, lock, only=selected)

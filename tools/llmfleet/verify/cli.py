@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 all targets met, 2 a target missed or a regression, 1 could not measure",
     )
     src = p.add_argument_group("what to verify")
-    src.add_argument("--plan", metavar="FILE", help="plan JSON (schema 1); its instance gives url, model, targets, load")
+    src.add_argument(
+        "--plan", metavar="FILE", help="a host's plan (schema 1) or tools/plan.py --json; its instance gives url, model, targets, load"
+    )
+    src.add_argument("-l", "--limit", metavar="HOST", help="the host of a tools/plan.py --json envelope (needed when it has several)")
     src.add_argument("--instance", metavar="NAME", help="instance of the plan (needed when it has several)")
     src.add_argument("--url", help="server URL, e.g. http://127.0.0.1:8000 (overrides the plan's)")
     src.add_argument("--model", help="served model id expected (default: the plan's, else the one served)")
@@ -210,7 +213,7 @@ def config_from_args(args: argparse.Namespace) -> VerifyConfig:
     }
     history = None if args.no_history else args.history
     if args.plan:
-        plan = read_plan(args.plan)
+        plan = read_plan(args.plan, args.limit)
         inst = plan_instance(plan, args.instance, args.plan)
         generation = plan.get("generation")
         if history is None and not args.no_history:
@@ -228,8 +231,8 @@ def config_from_args(args: argparse.Namespace) -> VerifyConfig:
             history_dir=history,
             **common,
         )
-    if args.instance:
-        raise VerifyError("usage: --instance needs --plan")
+    if args.instance or args.limit:
+        raise VerifyError(f"usage: {'--instance' if args.instance else '-l/--limit'} needs --plan")
     if not args.url:
         raise VerifyError("usage: give --plan FILE or --url URL (see --help)")
     return VerifyConfig(

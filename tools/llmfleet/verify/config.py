@@ -8,6 +8,7 @@ refused: a target this verify does not know must not be skipped silently.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Mapping
@@ -190,7 +191,12 @@ class VerifyConfig:
         return tuple(out)
 
 
-def read_plan(path: str) -> dict[str, Any]:
+#: what tools/plan.py --json prints: {"schema": PLAN_ENVELOPE, "plans": {host: plan}}
+PLAN_ENVELOPE = "llmfleet.plan/1"
+
+
+def read_plan(path: str, limit: str | None = None) -> dict[str, Any]:
+    """A host's plan: a plan file, or tools/plan.py's --json envelope and the host ``limit`` names in it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -201,9 +207,29 @@ def read_plan(path: str) -> dict[str, Any]:
         raise VerifyError(f"plan {path} is not JSON: {exc}") from None
     if not isinstance(plan, dict):
         raise VerifyError(f"plan {path} is not a JSON object")
+    if plan.get("schema") == PLAN_ENVELOPE:
+        plan = _envelope_host(plan, limit, path)
+    elif limit is not None and plan.get("host") is not None and not fnmatch.fnmatchcase(str(plan["host"]), limit):
+        raise VerifyError(f"-l/--limit {limit}: plan {path} is the plan of host {plan['host']}")
     if plan.get("schema") != PLAN_SCHEMA:
         raise VerifyError(f"plan {path} has schema {plan.get('schema')!r}; this verify reads schema {PLAN_SCHEMA}")
     return plan
+
+
+def _envelope_host(doc: dict[str, Any], limit: str | None, path: str) -> dict[str, Any]:
+    plans = doc.get("plans")
+    if not isinstance(plans, dict) or not all(isinstance(p, dict) for p in plans.values()):
+        raise VerifyError(f"plan {path}: 'plans' must map host names to plans ({PLAN_ENVELOPE})")
+    hosts = sorted(plans)
+    picked = [h for h in hosts if limit is None or fnmatch.fnmatchcase(h, limit)]
+    if len(picked) == 1:
+        return dict(plans[picked[0]])
+    if limit is None:
+        raise VerifyError(f"plan {path} holds {len(hosts)} hosts ({', '.join(hosts) or 'none'}): pass -l/--limit HOST")
+    raise VerifyError(
+        f"-l/--limit {limit} matches {len(picked)} hosts of plan {path} ({', '.join(picked) or 'none'}; hosts: {', '.join(hosts)}): "
+        "name one host"
+    )
 
 
 def plan_instance(plan: Mapping[str, Any], name: str | None, path: str) -> dict[str, Any]:

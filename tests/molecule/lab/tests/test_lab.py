@@ -304,6 +304,35 @@ def test_verify_textfile_for_node_exporter(host: Any, plan: dict[str, Any]) -> N
         assert host.run("find /var/lib/prometheus/node-exporter -name '.*' -type f").stdout == ""
 
 
+def _drift(host_name: str) -> tuple[int, dict[str, Any]]:
+    """tools/drift.py from the control node, this host only, sizes of the weights only (the point here is the API)."""
+    import subprocess
+
+    inventory = os.environ.get("LLMFLEET_TEST_INVENTORY") or str(REPO / "inventory" / "lab")
+    argv = [sys.executable, str(REPO / "tools" / "drift.py"), "-i", inventory, "-l", host_name, "--json", "--no-hash"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_drift_asks_a_keyed_instance_with_its_key_and_a_401_with_it_is_drift(host: Any, plan: dict[str, Any]) -> None:
+    keyed = [inst for inst in plan["instances"] if inst["api_key_required"]]
+    if not keyed:
+        pytest.skip("no instance of this host has an API key")
+    name = host.backend.get_hostname()
+    rc, doc = _drift(name)
+    assert rc == 0 and doc["hosts"][name]["status"] == "ok", doc["hosts"][name]
+    # another key in the file than the one the running vLLM read at start: the server refuses it
+    key_file = keyed[0]["api_key_file"]
+    host.check_output(f"cp -p {key_file} {key_file}.orig && printf 'VLLM_API_KEY=llmfleet-test-not-the-served-key\\n' > {key_file}")
+    try:
+        rc, doc = _drift(name)
+    finally:
+        host.check_output(f"mv -f {key_file}.orig {key_file}")
+    assert rc == 3, doc["hosts"][name]
+    assert [d["what"] for d in doc["hosts"][name]["drift"]] == ["instance-api-key"], doc["hosts"][name]
+    assert _drift(name)[0] == 0
+
+
 def test_a_keyed_instance_does_not_start_without_its_key(host: Any, plan: dict[str, Any]) -> None:
     """Last (it restarts the instance): with its key file gone the unit fails before vLLM runs, and
     starts again once the key is back."""

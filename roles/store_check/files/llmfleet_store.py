@@ -1,0 +1,1 @@
+../../../module_utils/llmfleet_store.py
