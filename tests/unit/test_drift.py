@@ -589,8 +589,8 @@ def test_reasons_a_host_is_not_converged(host: Host) -> None:
     host.units[host.inst["unit"]]["ActiveState"] = "failed"
     assert drift_module.converged(str(host.root), host.check(hash_files=False), expect(host), host) == ["1 drift (instance-inactive)"]
     host.units[host.inst["unit"]]["ActiveState"] = "active"
-    why = drift_module.converged(str(host.root), r, expect(host, service={"user": "no-such-user-x"}, system_packages=["libnuma1"]), host)
-    assert why == ["service user no-such-user-x does not exist", "system packages not installed: libnuma1"]
+    why = drift_module.converged(str(host.root), r, expect(host, system_packages=["libnuma1"]), host)
+    assert why == ["system packages not installed: libnuma1"]
     host.packages["libnuma1"] = "installed"
     assert drift_module.converged(str(host.root), r, expect(host, system_packages=["libnuma1"]), host) == []
 
@@ -607,9 +607,9 @@ def test_key_files_must_hold_the_inventory_s_keys(host: Host, tmp_path: Path) ->
     (keys / "tiny.env").chmod(0o644)
     assert drift_module.converged(str(host.root), r, want, host) == [f"API key of tiny: {keys}/tiny.env is not a root-owned 0600 file"]
     (keys / "tiny.env").chmod(0o600)
+    # the key file of an instance this generation does not key belongs to a kept one: gc's, no reason
     (keys / "old.env").write_text("VLLM_API_KEY=x\n")
-    assert drift_module.converged(str(host.root), r, want, host) == ["key files of instances without a key: old"]
-    (keys / "old.env").unlink()
+    assert drift_module.converged(str(host.root), r, want, host) == []
     want["api_key_sha256"]["tiny"] = hashlib.sha256(b"rotated-key").hexdigest()
     assert drift_module.converged(str(host.root), r, want, host) == [
         f"API key of tiny: {keys}/tiny.env holds another key than the inventory's"
