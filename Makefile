@@ -23,7 +23,9 @@ HOST_PACKAGES := systemd-container debootstrap iptables iproute2 openssh-client
 
 help:
 	@echo "make lab    set up this machine, fetch the pinned artifacts, boot the lab hosts and roll them out"
-	@echo "make test   lint, unit tests and the molecule scenario (full rollout on the lab hosts + checks)"
+	@echo "make test   everything CI runs: lint, unit, integration (real CPU vLLM), molecule (driver; lab on"
+	@echo "            hosts mlab1-2: full rollout + checks), fleet (four hosts, two sites: rollouts, canary,"
+	@echo "            rollback, mirrors, bundles, repair, gc); each part alone: make lint|unit|integration|molecule|fleet"
 	@echo "make plan   print the lab inventory's plan;  make lab-down   stop the lab hosts"
 
 ## The README's first command: everything from a fresh machine to a verified lab fleet.

@@ -1,4 +1,4 @@
-"""llmfleet_summary: the fleet rollout summary (issue 7).
+"""llmfleet_summary: the fleet rollout summary.
 
 A notification callback: it never replaces stdout. At the end of the run (v2_playbook_on_stats,
 which runs even when max_fail_percentage / any_errors_fatal stopped the rollout) it prints a table

@@ -1,4 +1,4 @@
-"""The planner's KV figures equal what real vLLM publishes (issue 3).
+"""The planner's KV figures equal what real vLLM publishes.
 
 For tiny Llama models that differ in layers, KV heads, head size and dtype, and for tp=2 and
 pp=2, a host plan is made by the evaluator the deploy runs (``evaluate_host`` on the ``lab-cpu``

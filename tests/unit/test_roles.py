@@ -1,6 +1,6 @@
 """Static checks of roles/: inputs, argument specs, task style, and a syntax check of every entry point.
 
-House style (docs: STYLE.md): every input carries the role's prefix and is documented in
+House style: every input carries the role's prefix and is documented in
 meta/argument_specs.yml with the default of defaults/main.yml; every task is named and calls an
 ``ansible.builtin`` module by its FQCN; templates start with the ansible_managed comment.
 """

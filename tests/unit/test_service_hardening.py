@@ -27,7 +27,7 @@ from llmfleet.plan import evaluate_host  # noqa: E402
 
 ROLE = REPO / "roles" / "vllm_service"
 UNIT = ROLE / "templates" / "etc" / "systemd" / "system" / "llmfleet-vllm@.service.j2"
-#: the exposure each profile must not exceed (issue 8)
+#: the exposure each profile must not exceed (docs/architecture.md, "Hardening and secrets")
 MAX_EXPOSURE = {"lab": 1.5, "xr7620": 2.0}
 SECRET = "lab0nly-S3cret-Key-0123456789abcdef"
 

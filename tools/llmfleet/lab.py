@@ -690,7 +690,7 @@ def _unpack_machine_root(host: Host, tarball: Path, paths: LabPaths) -> None:
 
 
 def _trust_local_cas(root: Path) -> None:
-    """Trust the control node's local CAs too (its TLS-intercepting proxy, see LAB.md)."""
+    """Trust the control node's local CAs too (a TLS-intercepting proxy between the lab and PyPI: docs/architecture.md, "Lab network")."""
     local = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
     bundle = root / "etc/ssl/certs/ca-certificates.crt"
     if not local or bundle.is_symlink() or not bundle.is_file():  # never append through a link to the host

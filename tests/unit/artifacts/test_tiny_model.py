@@ -48,7 +48,7 @@ def test_weights_header_has_every_llama_tensor(default_build: tuple[Path, list[F
     assert {t.name: t.shape for t in infos} == tensor_shapes(spec)
     assert {t.dtype for t in infos} == {"BF16"}
     assert tensor_shapes(spec)["model.layers.1.self_attn.k_proj.weight"] == (2 * 32, 128)
-    assert (out / "model.safetensors").stat().st_size // 1_000_000 == 2  # about 2.7 MB, as LAB.md saw
+    assert (out / "model.safetensors").stat().st_size // 1_000_000 == 2  # about 2.7 MB
 
 
 def test_config_and_tokenizer_agree_with_the_facts(default_build: tuple[Path, list[FilePin]]) -> None:

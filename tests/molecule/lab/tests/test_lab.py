@@ -23,7 +23,7 @@ from llmfleet.pins import load_lock  # noqa: E402
 from llmfleet.plan import evaluate_host  # noqa: E402
 
 ROOT = "/var/lib/llmfleet"
-#: the lab's exposure ceiling (issue 8; the GPU unit is scored offline in tests/unit/test_service_hardening.py)
+#: the lab's exposure ceiling (docs/architecture.md; the GPU unit is scored offline in tests/unit/test_service_hardening.py)
 MAX_EXPOSURE = 1.5
 # LLMFLEET_TEST_INVENTORY points the checks at another lab inventory (a private copy with other hosts)
 _INVENTORY = load_inventory(os.environ.get("LLMFLEET_TEST_INVENTORY") or REPO / "inventory" / "lab")
