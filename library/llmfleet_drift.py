@@ -143,34 +143,23 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
 
-try:
+try:  # the host-state layout and the store's checks have one owner: module_utils/llmfleet_store.py
     from ansible.module_utils.llmfleet_store import ERROR as STORE_ERROR
-    from ansible.module_utils.llmfleet_store import check_path, read_record
+    from ansible.module_utils.llmfleet_store import ID_RE, MANIFEST, VERDICT_FILES, check_path, read_record, sha256_file
 except ImportError:  # run as a plain script (--print) beside a checkout: module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
     from llmfleet_store import ERROR as STORE_ERROR  # type: ignore[no-redef]
-    from llmfleet_store import check_path, read_record  # type: ignore[no-redef]
+    from llmfleet_store import ID_RE, MANIFEST, VERDICT_FILES, check_path, read_record, sha256_file  # type: ignore[no-redef]
 
 SCHEMA = 1
-MANIFEST = "manifest.json"
-NOT_IN_MANIFEST = (MANIFEST, "verified.json", "failed.json")
-MARKER = ".llmfleet-complete"
+NOT_IN_MANIFEST = (MANIFEST, *VERDICT_FILES)
 TEMPLATE_UNIT = "llmfleet-vllm@.service"
 UNIT_RE = re.compile(r"^llmfleet-vllm@[^ /]+\.service$")
-ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 ACTIVE_STATES = ("active", "activating", "reloading")
 
 
 class RootUnreadable(Exception):
     """The root cannot be read at all: the only failure of the module."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha(path: str, r: Report) -> str | None:

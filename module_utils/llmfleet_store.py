@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -37,7 +38,24 @@ import tempfile
 import time
 from typing import Any
 
+# --- the host-state layout: the one place its names are written (library/llmfleet_generation.py,
+# library/llmfleet_drift.py and this file's checks all read them from here) ---------------------------
+#: <root>/current -> generations/<id>: the one switchable pointer
+CURRENT = "current"
+GENERATIONS = "generations"
+STORE = "store"
+#: a generation's list of every file's sha256 and each store path with its marker's, written last
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+HISTORY = "history.json"
+#: a generation's verdict (not part of what the manifest seals)
+VERDICT_FILES = ("verified.json", "failed.json")
+#: a store path is complete when it holds this marker (written last, before the rename)
 MARKER = ".llmfleet-complete"
+#: a store path being built: <path>.partial, renamed (or exchanged) into place when complete
+PARTIAL = ".partial"
+#: a generation id: hex, from the hash of the plan
+ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 #: <root>/store-check.json: the last full check (what the timer or a rollout's full check found)
 RECORD = "store-check.json"
 PENDING_RESTART = "pending-restart.json"
@@ -236,14 +254,14 @@ def _read_json(path: str) -> Any:
 
 def current_generation(root: str) -> str | None:
     try:
-        return os.path.basename(os.path.normpath(os.readlink(os.path.join(root, "current"))))
+        return os.path.basename(os.path.normpath(os.readlink(os.path.join(root, CURRENT))))
     except OSError:
         return None
 
 
 def paths_of_root(root: str) -> list[dict[str, Any]]:
     """Every store path a generation on the host uses: {path, kind, files, marker_sha256, current}."""
-    gens_dir = os.path.join(root, "generations")
+    gens_dir = os.path.join(root, GENERATIONS)
     try:
         gens = sorted(os.listdir(gens_dir))
     except FileNotFoundError:
@@ -251,7 +269,7 @@ def paths_of_root(root: str) -> list[dict[str, Any]]:
     current = current_generation(root)
     found: dict[str, dict[str, Any]] = {}
     for gid in gens:
-        manifest = _read_json(os.path.join(gens_dir, gid, "manifest.json"))
+        manifest = _read_json(os.path.join(gens_dir, gid, MANIFEST))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             continue  # not sealed: it uses nothing yet
         plan = _read_json(os.path.join(gens_dir, gid, "plan.json"))
@@ -277,7 +295,7 @@ def serving(root: str, paths: list[str]) -> dict[str, list[dict[str, str]]]:
     current = current_generation(root)
     if current is None:
         return out
-    plan = _read_json(os.path.join(root, "generations", current, "plan.json"))
+    plan = _read_json(os.path.join(root, GENERATIONS, current, PLAN))
     if not isinstance(plan, dict):
         return out
     runtime = (plan.get("runtime") or {}).get("store_path")

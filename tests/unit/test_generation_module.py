@@ -1,4 +1,4 @@
-"""The generations module (roles/vllm_service/library/llmfleet_generation.py) on host-like trees."""
+"""The generations module (library/llmfleet_generation.py) on host-like trees."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from by_path import load_file
 
 REPO = Path(__file__).resolve().parents[2]
-gen = load_file("llmfleet_generation", REPO / "roles" / "vllm_service" / "library" / "llmfleet_generation.py")
+gen = load_file("llmfleet_generation", REPO / "library" / "llmfleet_generation.py")
 
 A, B, C, D = "a" * 24, "b" * 24, "c" * 24, "d" * 24
 

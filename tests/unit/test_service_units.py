@@ -8,7 +8,6 @@ by the switch with the template. The launch script refuses to start a keyed inst
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,4 +189,4 @@ def test_rendering_a_generation_never_removes_a_key_file() -> None:
     for task in tasks:
         module = task.get("ansible.builtin.file") or {}
         assert not (module.get("state") == "absent" and "api_key" in str(task)), task["name"]
-    assert os.path.exists(ROLE / "library" / "llmfleet_generation.py")
+    assert (REPO / "library" / "llmfleet_generation.py").is_file()
