@@ -1,9 +1,9 @@
 # The bridge from Ansible to the llmfleet evaluator, nothing more: it gathers the host's
 # llmfleet_* variables, calls llmfleet.plan.evaluate_host on the control node and returns the
 # plan as the fact `llmfleet_plan`. It never contacts the host.
-# With `gpu_facts` (the host's measured `nvidia_gpu` facts), it first checks them against the hardware
-# profile (llmfleet.gpu_preflight: per GPU, expected vs found) and then plans with the measured NVML
-# topology in place of the profile's, so the rules see the host as it is.
+# With `gpu_facts` (the host's measured `nvidia_gpu` facts), it checks them against the plan's hardware
+# (llmfleet.gpu_preflight: per GPU, expected vs found; the NVML topology): it only compares, the plan
+# stays what the inventory and the pins give (a measured topology is recorded into the inventory).
 from __future__ import annotations
 
 import sys
@@ -17,7 +17,7 @@ if str(_TOOLS) not in sys.path:
     sys.path.insert(0, str(_TOOLS))
 
 from llmfleet.errors import LlmfleetError, PlanRefused  # noqa: E402
-from llmfleet.gpu_preflight import apply_gpu_facts  # noqa: E402
+from llmfleet.gpu_preflight import check_plan_against_gpu_facts  # noqa: E402
 from llmfleet.inventory import plain  # noqa: E402
 from llmfleet.pins import load_lock  # noqa: E402
 from llmfleet.plan import API_KEYS_VAR, evaluate_host  # noqa: E402
@@ -46,7 +46,7 @@ class ActionModule(ActionBase):
             lock = load_lock(lock_path)
             plan = evaluate_host(host, raw, lock)
             if gpu_facts is not None:
-                plan = apply_gpu_facts(host, raw, plan, plain(gpu_facts), lambda hv: evaluate_host(host, hv, lock))
+                plan = check_plan_against_gpu_facts(host, plan, plain(gpu_facts))
         except PlanRefused as exc:
             result.update(failed=True, msg="plan refused:\n" + "\n".join(str(p) for p in exc.problems),
                           problems=[p.to_dict() for p in exc.problems])

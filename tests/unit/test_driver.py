@@ -1,5 +1,5 @@
 """The NVIDIA driver in the plan (per profile, per distribution), the role's selection of it, and the
-GPU preflight wiring (llmfleet.gpu_preflight.apply_gpu_facts, playbooks)."""
+GPU preflight wiring (llmfleet.gpu_preflight.check_plan_against_gpu_facts, playbooks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from gpu_fakes import capture
 from llmfleet.errors import PlanRefused
-from llmfleet.gpu_preflight import apply_gpu_facts
+from llmfleet.gpu_preflight import RECORD_COMMAND, check_gpu_facts, check_plan_against_gpu_facts
 from llmfleet.pins import load_lock
 from llmfleet.plan import evaluate_host
 from llmfleet.spec import DRIVER_DISTRIBUTIONS, HardwareProfile, builtin_hardware_profiles
@@ -143,9 +143,8 @@ def test_role_installs_signed_packages_only_when_asked(signed, first):
 
 
 def _apply(facts: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
-    hv = xr7620_vars(**extra)
-    plan = evaluate_host("edge", hv, LOCK)
-    return apply_gpu_facts("edge", hv, plan, facts, lambda v: evaluate_host("edge", v, LOCK))
+    plan = evaluate_host("edge", xr7620_vars(**extra), LOCK)
+    return check_plan_against_gpu_facts("edge", plan, facts)
 
 
 def test_device_capture_refuses_the_xr7620_plan_per_gpu():
@@ -166,18 +165,33 @@ def test_derived_l4_capture_keeps_the_plan():
     assert _apply(capture("xr7620-4xl4-derived.json")) == plain
 
 
-def test_measured_topology_replaces_the_profiles_in_the_plan():
-    facts = capture("xr7620-4xl4-derived.json")
+def _across_sockets(facts: dict[str, Any]) -> dict[str, Any]:
     for pair in facts["pairs"]:
         if {pair["a"], pair["b"]} == {0, 1}:
             pair["topology"] = "SYS"  # GPUs 0 and 1 measured across sockets, the profile says NODE
+    return facts
+
+
+def test_a_measured_topology_the_plan_lacks_refuses_the_host_and_names_the_record_command():
+    """The check only compares: it never plans again (the same inputs give the same generation)."""
+    with pytest.raises(PlanRefused) as info:
+        _apply(_across_sockets(capture("xr7620-4xl4-derived.json")))
+    (problem,) = info.value.problems
+    assert (problem.where, problem.value) == ("topology[0][1]", "SYS")
+    assert "expected NODE, found SYS" in problem.message and RECORD_COMMAND in problem.valid
+
+
+def test_a_recorded_topology_is_the_plan_s_and_the_check_then_passes_without_changing_it():
+    facts = _across_sockets(capture("xr7620-4xl4-derived.json"))
+    recorded = [["X", "SYS", "SYS", "SYS"], ["SYS", "X", "SYS", "SYS"], ["SYS", "SYS", "X", "NODE"], ["SYS", "SYS", "NODE", "X"]]
     plain = evaluate_host("edge", xr7620_vars(), LOCK)
-    plan = _apply(facts)
-    assert plan["hardware"]["topology"][0][1] == "SYS" == plan["hardware"]["topology"][1][0]
-    assert plan["measured_topology"][0][1] == "SYS"
+    plan = evaluate_host("edge", xr7620_vars(llmfleet_measured_topology=recorded), LOCK)
+    assert plan["hardware"]["topology"] == recorded and plan["hardware_profile"] == "xr7620-4xl4"
     assert plan["generation"] != plain["generation"]
-    assert any("topology[0][1]" in w and "expected NODE, found SYS" in w for w in plan["warnings"])
-    assert plan["hardware_profile"] == "xr7620-4xl4"
+    assert evaluate_host("edge", xr7620_vars(llmfleet_measured_topology=recorded), LOCK)["generation"] == plan["generation"]
+    checked = _apply(facts, llmfleet_measured_topology=recorded)
+    assert checked["generation"] == plan["generation"] and checked["hardware"] == plan["hardware"]
+    assert check_gpu_facts("lab1", builtin_hardware_profiles()["lab-cpu"], None) == []
 
 
 # --- the playbooks --------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_topology_from_facts_matches_the_profile_for_the_derived_capture():
     assert topology_from_facts(capture("h100-capture.json")) == [["X"]]
 
 
-def test_measured_topology_differing_warns_and_replaces_the_profiles():
+def test_measured_topology_differing_is_an_error_and_the_measured_profile_is_what_would_be_recorded():
     facts = capture("xr7620-4xl4-derived.json")
     for pair in facts["pairs"]:
         if (pair["a"], pair["b"]) == (1, 2):
@@ -134,7 +134,8 @@ def test_measured_topology_differing_warns_and_replaces_the_profiles():
         if (pair["a"], pair["b"]) == (0, 3):
             pair.update(topology=None, topology_level=None)  # NVML gave nothing: planned as SYS
     problems = check_gpu_facts("edge1", PROFILE, facts)
-    assert [(p.where, p.severity, p.value) for p in problems] == [("topology[1][2]", "warning", "NODE")]
+    assert [(p.where, p.severity, p.value) for p in problems] == [("topology[1][2]", "error", "NODE")]
+    assert "--record-gpus" in problems[0].valid
     measured = profile_with_measured_topology(PROFILE, facts)
     assert measured.topology is not None
     assert measured.topology[1][2] == measured.topology[2][1] == "NODE"
@@ -147,5 +148,5 @@ def test_nvlink_pairs_become_nv():
     facts["pairs"][0].update(nvlink=True, nvlink_links=4, topology="NV4")
     assert topology_from_facts(facts)[0][1] == "NV"
     assert profile_with_measured_topology(PROFILE, facts).interconnect == "nvlink"
-    warnings = [p.where for p in check_gpu_facts("edge1", PROFILE, facts)]
-    assert warnings == ["nvidia_gpu.pairs", "topology[0][1]"]
+    found = [(p.where, p.severity) for p in check_gpu_facts("edge1", PROFILE, facts)]
+    assert found == [("nvidia_gpu.pairs", "warning"), ("topology[0][1]", "error")]

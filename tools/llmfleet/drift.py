@@ -43,7 +43,12 @@ def ansible_command(inventory: str, limit: str | None, tree: str, *, hash_files:
     writes unreachable and failed results too. It is deprecated for removal in ansible-core 2.23.
     """
     args = f"root={ROOT_ARG} mirror_dir={MIRROR_ARG} hash_files={'true' if hash_files else 'false'} http_timeout={http_timeout:g}"
-    cmd = [ansible_bin(), "all", "-i", inventory, "-m", MODULE, "-a", args, "--tree", tree]
+    return module_command(inventory, limit, tree, MODULE, args)
+
+
+def module_command(inventory: str, limit: str | None, tree: str, module: str, args: str) -> list[str]:
+    """Any of the project's modules on every host of the limit, one result file per host under ``tree``."""
+    cmd = [ansible_bin(), "all", "-i", inventory, "-m", module, "-a", args, "--tree", tree]
     if limit:
         cmd += ["--limit", limit]
     return cmd
@@ -61,10 +66,15 @@ def ansible_env() -> dict[str, str]:
 
 
 def run_ansible(inventory: str, limit: str | None, *, hash_files: bool = True, http_timeout: float = 5.0) -> tuple[dict[str, Any], str]:
-    """Run the module over the inventory; ({host: parsed result document or parse error}, ansible's stderr)."""
-    with tempfile.TemporaryDirectory(prefix="llmfleet-drift-") as tmp:
+    """Run the drift module over the inventory; ({host: parsed result document or parse error}, ansible's stderr)."""
+    return run_module(lambda tree: ansible_command(inventory, limit, tree, hash_files=hash_files, http_timeout=http_timeout))
+
+
+def run_module(command: Any) -> tuple[dict[str, Any], str]:
+    """Run ``command(tree)`` (an ad-hoc command line); ({host: result document}, ansible's output)."""
+    with tempfile.TemporaryDirectory(prefix="llmfleet-adhoc-") as tmp:
         tree = os.path.join(tmp, "tree")
-        cmd = ansible_command(inventory, limit, tree, hash_files=hash_files, http_timeout=http_timeout)
+        cmd = command(tree)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ansible_env(), check=False)
         except OSError as exc:

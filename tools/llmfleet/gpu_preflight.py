@@ -1,18 +1,18 @@
-"""GPU preflight: a host's measured NVML facts against its hardware profile.
+"""GPU preflight: a host's measured NVML facts against its plan's hardware.
 
 The facts are what ``library/nvidia_gpu_facts.py`` returns as ``ansible_facts.nvidia_gpu``. Every
 difference becomes a :class:`~llmfleet.errors.Problem` that names the GPU and the field
 (``gpu[2].name``), what the profile expects and what was found, so one run shows every wrong GPU.
-Errors refuse the rollout; warnings (ECC off, a measured topology the profile does not describe) are
-reported only.
+Errors refuse the rollout; warnings (ECC off, NVLink on a PCIe profile) are reported only.
 
-:func:`topology_from_facts` turns the measured pairs into the NVML matrix the planner reads
-(``HardwareProfile.topology``); :func:`profile_with_measured_topology` puts it into a profile.
+The check only compares: the plan is a function of the inventory and the pins. A measured NVML
+topology that is not the plan's refuses the host until it is recorded into the inventory
+(``tools/plan.py --record-gpus``, :func:`topology_from_facts`; the evaluator reads it as the host's
+``llmfleet_measured_topology``), so that the control node, drift and the host plan the same generation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from llmfleet.errors import PlanRefused, Problem
@@ -24,6 +24,8 @@ MEMORY_TOLERANCE = 0.02  # NVML's usable memory moves by a few MiB between drive
 _LEVELS = {"X", "PIX", "PXB", "PHB", "NODE", "SYS"}
 # A pair NVML gave no level for is planned as the worst case.
 UNKNOWN_LEVEL = "SYS"
+#: how an operator records a host's measured topology into the inventory
+RECORD_COMMAND = "tools/plan.py -i INVENTORY -l HOST --record-gpus"
 
 
 class _Problems:
@@ -159,11 +161,11 @@ def check_gpu_facts(host: str, profile: HardwareProfile, facts: dict[str, Any] |
             for b in range(a + 1, len(measured)):
                 want, got = profile.topology[a][b], measured[a][b]
                 if want != got:
-                    out.warn(
+                    out.error(
                         f"topology[{a}][{b}]",
                         got,
-                        f"measured topology differs from the profile: expected {want}, found {got}; the plan uses the measured one",
-                        want,
+                        f"measured NVML topology differs from the plan's: expected {want}, found {got}",
+                        f"record what the host has, then plan again: {RECORD_COMMAND}",
                     )
     return out.items
 
@@ -194,47 +196,21 @@ def topology_from_facts(facts: dict[str, Any]) -> list[list[str]]:
 def profile_with_measured_topology(profile: HardwareProfile, facts: dict[str, Any]) -> HardwareProfile:
     """The profile with its topology (and interconnect, where NVLink was measured) taken from the facts."""
     topology = topology_from_facts(facts)
-    if len(topology) != profile.device_count:
-        return profile
-    update: dict[str, Any] = {"topology": topology}
-    if any(level == "NV" for row in topology for level in row):
-        update["interconnect"] = "nvlink"
-    return HardwareProfile.model_validate(profile.model_dump() | update)
+    return profile if len(topology) != profile.device_count else profile.with_topology(topology)
 
 
-def apply_gpu_facts(
-    host: str,
-    host_vars: Mapping[str, Any],
-    plan: dict[str, Any],
-    facts: dict[str, Any] | None,
-    evaluate: Callable[[Mapping[str, Any]], dict[str, Any]],
-) -> dict[str, Any]:
-    """The host's plan, checked against its measured GPUs and re-planned on the measured topology.
+def check_plan_against_gpu_facts(host: str, plan: dict[str, Any], facts: dict[str, Any] | None) -> dict[str, Any]:
+    """The host's plan, unchanged, once its measured GPUs match the plan's hardware.
 
-    Raises :class:`PlanRefused` with every per-GPU error (expected vs found). Where the measured
-    NVML topology differs from the profile's, ``evaluate`` (``evaluate_host`` bound to the host and
-    the lock) plans again with the measured matrix in the host's profile, so the topology rules
-    (TP across a host bridge or sockets) judge the host as it is; the differences stay in the
-    plan's warnings.
+    Raises :class:`PlanRefused` with every error (expected vs found per GPU; a measured topology the
+    plan does not have, with the command that records it). Warnings join the plan's (they are not
+    part of the generation id: the same inputs give the same id on every control node and host).
     """
     profile = HardwareProfile.model_validate(plan["hardware"])
     problems = check_gpu_facts(host, profile, facts)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise PlanRefused(errors)
-    if profile.accelerator != "cuda" or not facts:
-        return plan
-    measured = profile_with_measured_topology(profile, facts)
-    if measured == profile:
-        return plan
-    key = plan["hardware_profile"]
-    override = dict(host_vars)
-    dumped = measured.model_dump(exclude_none=True)
-    if key == "inline":
-        override["llmfleet_hardware"] = dumped
-    else:
-        override["llmfleet_hardware_profiles"] = {**dict(host_vars.get("llmfleet_hardware_profiles") or {}), key: dumped}
-    replanned = evaluate(override)
-    replanned["warnings"] = [str(p) for p in problems] + list(replanned["warnings"])
-    replanned["measured_topology"] = measured.topology
-    return replanned
+    if problems:
+        plan = {**plan, "warnings": [str(p) for p in problems] + list(plan["warnings"])}
+    return plan

@@ -8,7 +8,7 @@ plugin and the tests all call :func:`evaluate_host`. It never touches a host.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -116,14 +116,36 @@ def parse_spec(host: str, host_vars: Mapping[str, Any], lock: Lock | None = None
 
 
 def resolve_hardware(host: str, spec: HostSpec) -> tuple[str, HardwareProfile]:
+    """The host's profile (its key, or "inline"), with the topology measured on it where recorded."""
     if isinstance(spec.hardware, HardwareProfile):
-        return "inline", spec.hardware
-    profiles = builtin_hardware_profiles() | spec.hardware_profiles
-    if spec.hardware not in profiles:
-        raise PlanRefused(
-            [Problem(host, "llmfleet_hardware", spec.hardware, "unknown hardware profile", ", ".join(sorted(profiles)))]
-        )
-    return spec.hardware, profiles[spec.hardware]
+        key, profile = "inline", spec.hardware
+    else:
+        profiles = builtin_hardware_profiles() | spec.hardware_profiles
+        if spec.hardware not in profiles:
+            raise PlanRefused(
+                [Problem(host, "llmfleet_hardware", spec.hardware, "unknown hardware profile", ", ".join(sorted(profiles)))]
+            )
+        key, profile = spec.hardware, profiles[spec.hardware]
+    if spec.measured_topology is not None:
+        profile = _recorded_topology(host, key, profile, spec.measured_topology)
+    return key, profile
+
+
+def _recorded_topology(host: str, key: str, profile: HardwareProfile, topology: Sequence[Sequence[str]]) -> HardwareProfile:
+    where, n = "llmfleet_measured_topology", len(topology)
+    if profile.accelerator != "cuda":
+        raise PlanRefused([Problem(host, where, f"{n} x {n}", f"hardware profile {key} has no GPU to measure", f"no {where}")])
+    square = all(len(row) == n for row in topology)
+    if n != profile.device_count or not square:
+        raise PlanRefused([Problem(host, where, f"{n} rows", f"must be {profile.device_count} x {profile.device_count} "
+                                   f"(profile {key} has {profile.device_count} GPUs)",
+                                   "measure it again: tools/plan.py -i INVENTORY -l HOST --record-gpus")])  # fmt: skip
+    bad = [(a, b) for a in range(n) for b in range(n) if (topology[a][b] == "X") != (a == b) or topology[a][b] != topology[b][a]]
+    if bad:
+        a, b = bad[0]
+        raise PlanRefused([Problem(host, f"{where}[{a}][{b}]", topology[a][b], "must be symmetric with X exactly on the diagonal",
+                                   "an NVML level: NV, PIX, PXB, PHB, NODE, SYS")])  # fmt: skip
+    return profile.with_topology(topology)
 
 
 class _Checker:

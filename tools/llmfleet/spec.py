@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,8 @@ SPEC_PREFIX = "llmfleet_"
 #: llmfleet_root lives below this (systemd's StateDirectory= is relative to /var/lib, which only root may write)
 ROOT_PARENT = "/var/lib/"
 #: ``llmfleet_*`` names that are not spec variables (facts the bundle itself sets)
-NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report"})  # facts the playbooks set, not spec
+#: facts the playbooks set, not spec
+NOT_SPEC = frozenset({"llmfleet_plan", "llmfleet_report", "llmfleet_mirror_ready", "llmfleet_mirror_failed"})
 
 #: variables (without prefix) that are renamed or removed, with what to use instead
 RENAMED_HOST_VARS: dict[str, str] = {
@@ -101,6 +103,13 @@ class HardwareProfile(_Model):
     nccl_p2p_disable: bool = False
     #: GPUs partitioned with MIG: an instance also needs the capability nodes /dev/nvidia-caps/*
     mig: bool = False
+
+    def with_topology(self, topology: Sequence[Sequence[str]]) -> HardwareProfile:
+        """This profile with an NVML topology measured on a host (NVLink measured: interconnect nvlink)."""
+        update: dict[str, Any] = {"topology": [list(row) for row in topology]}
+        if any(level == "NV" for row in topology for level in row):
+            update["interconnect"] = "nvlink"
+        return HardwareProfile.model_validate(self.model_dump() | update)
 
     @field_validator("driver")
     @classmethod
@@ -206,6 +215,10 @@ class HostSpec(_Model):
     #: straight from the control node
     site: Annotated[str, Field(pattern=NAME_RE)] | None = None
     site_mirror: SiteMirror | None = None
+    #: the NVML topology measured on this host, recorded into the inventory by
+    #: ``tools/plan.py --record-gpus``: it replaces the profile's, so the plan stays a function of the
+    #: inventory and the pins (the host's GPU check only compares)
+    measured_topology: list[list[TopologyLevel]] | None = None
 
     @model_validator(mode="after")
     def _mirror_needs_site(self) -> HostSpec:

@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a versioned JSON envelope for machines")
     p.add_argument("--strict", action="store_true", help="also refuse unresolved pins (what a deploy does)")
     p.add_argument("--explain", action="store_true", help="every rule per instance (passed ones too) and the capacity arithmetic")
+    p.add_argument("--record-gpus", action="store_true",
+                   help="measure the NVML topology of the GPU hosts (-l) and record it into the inventory "
+                        "directory's llmfleet-measured.yml, which the plan then uses")  # fmt: skip
     r = p.add_argument_group("recommend", "list the valid layouts of a model, ranked")
     r.add_argument("--recommend", metavar="MODEL", help="a model key of the lock")
     r.add_argument("--hardware", help="hardware profile key (default: the inventory host's llmfleet_hardware)")
@@ -282,6 +285,23 @@ def _recommend(args: argparse.Namespace) -> int:
     return ExitCode.OK if valid else ExitCode.REFUSED
 
 
+def _record_gpus(args: argparse.Namespace) -> int:
+    from ..measured import record_gpus
+
+    env = record_gpus(args.inventory, args.limit)
+    if args.json:
+        dump_json(env)
+    else:
+        console = _console()
+        for host, topology in sorted(env["recorded"].items()):
+            console.print(f"[green]recorded[/] {host}: " + "; ".join(" ".join(row) for row in topology), highlight=False)
+        for host, reason in sorted(env["errors"].items()):
+            console.print(f"[red]not recorded[/] {host}: {escape(reason)}", highlight=False)
+        if env["recorded"]:
+            console.print(f"written: {env['file']} (commit it with the inventory; plan again to see the layouts it gives)", highlight=False)
+    return ExitCode.OK if env["ok"] else ExitCode.ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         args.limit = deprecated_limit(args, "plan.py")
         if args.recommend:
             return _recommend(args)
+        if args.record_gpus:
+            return _record_gpus(args)
         everyone, selected = load_inventory_limited(args.inventory, args.limit)
         hosts = {h: everyone[h] for h in selected if h in everyone}
         lock = load_lock(args.lock)
