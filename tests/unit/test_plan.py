@@ -266,3 +266,24 @@ def test_a_limit_narrows_the_report_but_a_site_is_judged_on_every_host() -> None
     away = {**SITE, "llmfleet_site_mirror": {**SITE["llmfleet_site_mirror"], "host": "h9"}}
     plans, problems = evaluate_fleet({"h1": lab_vars() | away, "h2": lab_vars() | away}, lock, only=["h2"])
     assert list(plans) == ["h2"] and [(p.host, p.value) for p in problems] == [("h2", "h9")]
+
+
+def test_the_unit_revision_is_the_instance_templates_content(tmp_path: Path) -> None:
+    """Any change of the unit, drop-in, launch or env template restarts instances: no number to bump."""
+    import shutil
+
+    from llmfleet.plan import UNIT_TEMPLATES, unit_revision
+
+    templates = tmp_path / "templates"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "roles" / "vllm_service" / "templates", templates)
+    assert unit_revision(templates) == unit_revision()
+    seen = {unit_revision()}
+    for name in UNIT_TEMPLATES:
+        path = templates / name
+        path.write_text(path.read_text() + "# changed\n")
+        unit_revision.cache_clear()
+        seen.add(unit_revision(templates))
+    assert len(seen) == 1 + len(UNIT_TEMPLATES)
+    unit_revision.cache_clear()
+    plan = evaluate_host("h1", lab_vars(), load_lock())
+    assert plan["service"]["unit_revision"] == unit_revision()

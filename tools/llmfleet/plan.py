@@ -7,14 +7,17 @@ plugin and the tests all call :func:`evaluate_host`. It never touches a host.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from . import engine_args, rules
-from .errors import PlanRefused, Problem, from_validation_error
+from .errors import InputError, PlanRefused, Problem, from_validation_error
 from .pins import Lock, ModelPin, RuntimePin, content_hash, model_store_name, runtime_store_name
 from .spec import (
     RENAMED_HOST_VARS,
@@ -30,8 +33,29 @@ from .spec import (
 PLAN_SCHEMA = 1
 #: where the lock comes from, for messages
 LOCK_NAME = "pins/lock.json or $LLMFLEET_LOCK"
-#: bump when the unit template changes in a way that needs running instances restarted
-UNIT_REVISION = 3
+#: the templates of what an instance runs under (unit, its drop-in, launch script, environment): their
+#: content is the unit revision, so that any change of them restarts the instances at the next switch
+UNIT_TEMPLATES = (
+    "etc/systemd/system/llmfleet-vllm@.service.j2",
+    "var/lib/llmfleet/generations/units/llmfleet-vllm@.service.d/llmfleet.conf.j2",
+    "var/lib/llmfleet/generations/instances/launch.j2",
+    "var/lib/llmfleet/generations/instances/env.j2",
+)
+
+
+@functools.cache
+def unit_revision(templates: Path | None = None) -> str:
+    """sha256 (first 12 hex digits) of the instance templates of roles/vllm_service, in order."""
+    folder = templates or Path(__file__).resolve().parents[2] / "roles" / "vllm_service" / "templates"
+    digest = hashlib.sha256()
+    for name in UNIT_TEMPLATES:
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as exc:
+            raise InputError(f"the instance template {folder / name} cannot be read ({exc.strerror}): a broken checkout?") from None
+        digest.update(name.encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()[:12]
+
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: the role input that holds the API keys (instance name -> key); the evaluator reads only its names
 API_KEYS_VAR = "vllm_service_api_keys"
@@ -442,7 +466,7 @@ def _instance_plan(
         {
             "argv": argv,
             "environment": env,
-            "unit_revision": UNIT_REVISION,
+            "unit_revision": unit_revision(),
             "devices": plan["devices"],
             "api_key_required": plan["api_key_required"],
             "user": plan["user"],
@@ -483,7 +507,7 @@ def _service(spec: HostSpec, hw: HardwareProfile) -> dict[str, Any]:
         "limit_nofile": 20000,
         "read_only_paths": [f"{spec.root}/store"],
         "api_key_dir": API_KEY_DIR,
-        "unit_revision": UNIT_REVISION,
+        "unit_revision": unit_revision(),
     }
 
 
