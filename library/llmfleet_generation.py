@@ -25,6 +25,11 @@ options:
       - C(status) reports current, previous, the history and the generations on disk; with I(to) it also
         resolves a rollback target.
       - C(mark) records a verdict in the generation (I(failed) or I(verified)).
+      - C(decide) (read-only) says what the switch to I(generation) restarts and stops, comparing two plans and
+        deriving nothing: C(restart) = instances of I(plan_instances) whose C(content_hash) differs from the
+        current generation's plan, that are new, that a failed run left in C(pending-restart.json), or that
+        I(restart_also) names; C(gone) = units of the current plan or of I(known_units) (units systemd knows,
+        with I(unit_prefix)) that I(plan_instances) does not have.
       - C(gc) keeps I(keep) generations, the current one and the most recently switched-to others, removes
         the other generations and every store path that no kept generation references. Paths are compared
         as real paths (a root spelled C(/var/lib/./llmfleet) is the same root). It never touches a C(.partial)
@@ -34,7 +39,7 @@ options:
         that cannot get it within a minute fails.
     type: str
     required: true
-    choices: [seal, switch, status, mark, gc]
+    choices: [seal, switch, status, mark, gc, decide]
   root:
     description: The llmfleet root on the host (the plan's C(root)).
     type: path
@@ -80,6 +85,24 @@ options:
   store_dir:
     description: C(gc) only. Store directory to collect; defaults to C(<root>/store).
     type: path
+  plan_instances:
+    description: C(decide) only. The new plan's instances (each with C(name), C(content_hash), C(unit)).
+    type: list
+    elements: dict
+  restart_also:
+    description: C(decide) only. Instance names to restart whatever their content hash (a changed API key).
+    type: list
+    elements: str
+    default: []
+  known_units:
+    description: C(decide) only. Unit names systemd knows (C(ansible_facts.services)); those with I(unit_prefix) count.
+    type: list
+    elements: str
+    default: []
+  unit_prefix:
+    description: C(decide) only. The instances' unit name prefix.
+    type: str
+    default: llmfleet-vllm@
   api_key_dir:
     description:
       - C(gc) only. API key files (C(*.env)) that no kept generation's plan names are removed from it; defaults to the
@@ -135,6 +158,14 @@ generations:
   description: Generations on disk, C({id, complete, verified, failed, numbers}).
   returned: always
   type: list
+restart:
+  description: Instance names the switch restarts, in the plan's order (C(decide)).
+  returned: when action is decide
+  type: list
+gone:
+  description: Units the switch stops and disables, sorted (C(decide)).
+  returned: when action is decide
+  type: list
 removed_generations:
   description: Generations removed (or that would be, in check mode) by C(gc).
   returned: when action is gc
@@ -167,7 +198,18 @@ from typing import Any  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 try:  # the host-state layout has one owner: module_utils/llmfleet_store.py
-    from ansible.module_utils.llmfleet_store import HISTORY, ID_RE, MANIFEST, MARKER, PARTIAL, VERDICT_FILES, remove_tree, sha256_file
+    from ansible.module_utils.llmfleet_store import (
+        HISTORY,
+        ID_RE,
+        MANIFEST,
+        MARKER,
+        PARTIAL,
+        PENDING_RESTART,
+        PLAN,
+        VERDICT_FILES,
+        remove_tree,
+        sha256_file,
+    )
 except ImportError:  # imported by the unit tests beside a checkout: module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
     from llmfleet_store import (  # type: ignore[no-redef]
@@ -176,6 +218,8 @@ except ImportError:  # imported by the unit tests beside a checkout: module_util
         MANIFEST,
         MARKER,
         PARTIAL,
+        PENDING_RESTART,
+        PLAN,
         VERDICT_FILES,
         remove_tree,
         sha256_file,
@@ -556,7 +600,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         # real paths: a root spelled /var/lib/./llmfleet (here or in an old manifest) is the same root
         referenced.update(os.path.realpath(str(e.get("path"))) for e in manifest["store_paths"] if isinstance(e, dict))
     removed_generations = [g for g in root.on_disk() if g not in kept and g not in in_progress]
-    kept_blobs = sorted({b for gid in kept + in_progress for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), "plan.json")))})
+    kept_blobs = sorted({b for gid in kept + in_progress for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), PLAN)))})
     try:
         store_entries = sorted(os.listdir(store_dir))
     except FileNotFoundError:
@@ -590,7 +634,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
 def _unneeded_keys(root: Root, key_dir: str | None, current: str | None, kept: list[str]) -> list[str]:
     """API key files (``<key_dir>/*.env``) that no kept generation's plan names: a key goes with the
     last generation that uses it, so a rollback to any kept generation finds its keys."""
-    plans = [read_json(os.path.join(root.gen_dir(gid), "plan.json")) for gid in kept]
+    plans = [read_json(os.path.join(root.gen_dir(gid), PLAN)) for gid in kept]
     if not key_dir:  # the key directory of the current generation's plan
         current_plan = plans[kept.index(current)] if current in kept else None
         key_dir = ((current_plan or {}).get("service") or {}).get("api_key_dir") if isinstance(current_plan, dict) else None
@@ -607,6 +651,27 @@ def _unneeded_keys(root: Root, key_dir: str | None, current: str | None, kept: l
     return sorted(f for f in files if os.path.isfile(f) and os.path.realpath(f) not in needed)
 
 
+def decide(root: Root, params: dict[str, Any]) -> dict[str, Any]:
+    """What the switch to the new plan restarts and stops: two plans compared, nothing derived."""
+    new = [i for i in params.get("plan_instances") or [] if isinstance(i, dict)]
+    for inst in new:
+        if not all(inst.get(k) for k in ("name", "content_hash", "unit")):
+            raise GenerationError(f"plan_instances: each needs name, content_hash and unit; got {sorted(inst)}")
+    current = root.current()
+    old_plan = read_json(os.path.join(root.gen_dir(current), PLAN)) if current else None
+    old = [i for i in ((old_plan or {}).get("instances") or []) if isinstance(i, dict)] if isinstance(old_plan, dict) else []
+    old_hash = {str(i.get("name")): i.get("content_hash") for i in old}
+    pending = read_json(os.path.join(root.root, PENDING_RESTART), [])
+    if not isinstance(pending, list):
+        raise GenerationError(f"{os.path.join(root.root, PENDING_RESTART)} is not a list of instance names: {str(pending)[:80]}")
+    also = {str(n) for n in pending} | {str(n) for n in params.get("restart_also") or []}
+    restart = [str(i["name"]) for i in new if old_hash.get(str(i["name"])) != i["content_hash"] or str(i["name"]) in also]
+    prefix = str(params.get("unit_prefix") or "llmfleet-vllm@")
+    known = {str(u) for u in params.get("known_units") or [] if str(u).startswith(prefix) and str(u).endswith(".service")}
+    gone = sorted(({str(i.get("unit")) for i in old if i.get("unit")} | known) - {str(i["unit"]) for i in new})
+    return {"restart": restart, "gone": gone}
+
+
 ACTIONS = {"seal": seal, "switch": switch, "mark": mark, "gc": gc}
 
 
@@ -619,6 +684,8 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
     if action in ACTIONS:
         with root.locked():
             result.update(ACTIONS[action](root, params, check))
+    if action == "decide":
+        result.update(decide(root, params))
     if action == "status" and params.get("to") is not None:
         result["target"] = root.resolve(str(params["to"]))
     described = root.describe()
@@ -631,7 +698,7 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "action": {"type": "str", "required": True, "choices": ["seal", "switch", "status", "mark", "gc"]},
+            "action": {"type": "str", "required": True, "choices": ["seal", "switch", "status", "mark", "gc", "decide"]},
             "root": {"type": "path", "default": "/var/lib/llmfleet"},
             "generation": {"type": "str"},
             "host": {"type": "str"},
@@ -645,6 +712,10 @@ def main() -> None:
             "keep": {"type": "int", "default": 3},
             "store_dir": {"type": "path"},
             "api_key_dir": {"type": "path"},
+            "plan_instances": {"type": "list", "elements": "dict"},
+            "restart_also": {"type": "list", "elements": "str", "default": []},
+            "known_units": {"type": "list", "elements": "str", "default": []},
+            "unit_prefix": {"type": "str", "default": "llmfleet-vllm@"},
         },
         supports_check_mode=True,
     )

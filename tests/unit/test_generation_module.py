@@ -323,3 +323,54 @@ def test_switch_refuses_a_generation_whose_files_changed(host: Path) -> None:
     (host / "generations" / A / "instances" / "tiny" / "env").write_text("A='2'\n")
     with pytest.raises(gen.GenerationError, match=r"instances/tiny/env .*differs from its manifest"):
         switch(host, A)
+
+
+# --- decide: what a switch restarts and stops ---------------------------------------------------
+
+
+def _instances(**hashes: str) -> list[dict[str, str]]:
+    return [{"name": n, "content_hash": h, "unit": f"llmfleet-vllm@{n}.service"} for n, h in hashes.items()]
+
+
+def _with_plan_instances(root: Path, gid: str, instances: list[dict[str, str]]) -> None:
+    """Give the generation's plan its instances (as the role renders them), sealed again."""
+    (root / "generations" / gid / "plan.json").write_text(json.dumps({"generation": gid, "instances": instances}))
+    (root / "generations" / gid / "manifest.json").unlink()
+    gen.run(params(root, "seal", generation=gid, host="h", instances={i["name"]: i["content_hash"] for i in instances},
+                   runtime_store_path=str(root / "store/r1-vllm"), model_store_paths=[str(root / "store/m1-tiny")]), False)  # fmt: skip
+
+
+def decide(root: Path, new: list[dict[str, str]], **kw: Any) -> dict[str, Any]:
+    return gen.run(params(root, "decide", generation=B, plan_instances=new, **kw), check=False)
+
+
+def test_decide_restarts_changed_and_new_instances_and_stops_the_gone(host: Path) -> None:
+    _with_plan_instances(host, A, _instances(tiny="1" * 32, old="2" * 32, same="3" * 32))
+    switch(host, A)
+    out = decide(host, _instances(same="3" * 32, tiny="9" * 32, fresh="4" * 32))
+    assert out["restart"] == ["tiny", "fresh"] and out["gone"] == ["llmfleet-vllm@old.service"] and not out["changed"]
+    # the same plan: nothing; a unit systemd still knows that no plan has: stopped
+    out = decide(host, _instances(tiny="1" * 32, old="2" * 32, same="3" * 32),
+                 known_units=["llmfleet-vllm@stray.service", "ssh.service", "llmfleet-store-check.service"])  # fmt: skip
+    assert out["restart"] == [] and out["gone"] == ["llmfleet-vllm@stray.service"]
+
+
+def test_decide_restarts_what_a_failed_run_left_pending_and_a_changed_key(host: Path) -> None:
+    _with_plan_instances(host, A, _instances(tiny="1" * 32, same="3" * 32))
+    switch(host, A)
+    (host / "pending-restart.json").write_text('["same", "removed-since"]\n')
+    out = decide(host, _instances(tiny="1" * 32, same="3" * 32))
+    assert out["restart"] == ["same"], "only instances of the new plan restart"
+    (host / "pending-restart.json").unlink()
+    assert decide(host, _instances(tiny="1" * 32, same="3" * 32), restart_also=["tiny"])["restart"] == ["tiny"]
+    (host / "pending-restart.json").write_text('{"not": "a list"}')
+    with pytest.raises(gen.GenerationError, match="is not a list of instance names"):
+        decide(host, _instances(tiny="1" * 32))
+
+
+def test_decide_on_a_fresh_host_starts_everything_and_refuses_an_incomplete_instance(tmp_path: Path) -> None:
+    root = tmp_path / "llmfleet"
+    out = decide(root, _instances(a="1" * 32, b="2" * 32))
+    assert out["restart"] == ["a", "b"] and out["gone"] == [] and out["current"] is None
+    with pytest.raises(gen.GenerationError, match="each needs name, content_hash and unit"):
+        decide(root, [{"name": "a"}])
