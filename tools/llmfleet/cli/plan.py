@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a versioned JSON envelope for machines")
     p.add_argument("--strict", action="store_true", help="also refuse unresolved pins (what a deploy does)")
     p.add_argument("--explain", action="store_true", help="every rule per instance (passed ones too) and the capacity arithmetic")
+    p.add_argument("--schema", action="store_true", help="print the plan's JSON Schema (docs/plan.schema.json) and exit")
     p.add_argument("--record-gpus", action="store_true",
                    help="measure the NVML topology of the GPU hosts (-l) and record it into the inventory "
                         "directory's llmfleet-measured.yml, which the plan then uses")  # fmt: skip
@@ -305,6 +306,11 @@ def _record_gpus(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.schema:
+        from ..plan_schema import json_schema_text
+
+        sys.stdout.write(json_schema_text())
+        return ExitCode.OK
     if not args.recommend and not args.inventory:
         p.error("the following arguments are required: -i/--inventory (or --recommend MODEL)")
 
