@@ -667,7 +667,10 @@ def decide(root: Root, params: dict[str, Any]) -> dict[str, Any]:
     also = {str(n) for n in pending} | {str(n) for n in params.get("restart_also") or []}
     restart = [str(i["name"]) for i in new if old_hash.get(str(i["name"])) != i["content_hash"] or str(i["name"]) in also]
     prefix = str(params.get("unit_prefix") or "llmfleet-vllm@")
-    known = {str(u) for u in params.get("known_units") or [] if str(u).startswith(prefix) and str(u).endswith(".service")}
+    # instances only: "<prefix><name>.service", never the template unit "<prefix>.service" itself
+    known = {
+        u for u in map(str, params.get("known_units") or []) if u.startswith(prefix) and u.endswith(".service") and len(u) > len(prefix) + 8
+    }
     gone = sorted(({str(i.get("unit")) for i in old if i.get("unit")} | known) - {str(i["unit"]) for i in new})
     return {"restart": restart, "gone": gone}
 

@@ -350,8 +350,9 @@ def test_decide_restarts_changed_and_new_instances_and_stops_the_gone(host: Path
     out = decide(host, _instances(same="3" * 32, tiny="9" * 32, fresh="4" * 32))
     assert out["restart"] == ["tiny", "fresh"] and out["gone"] == ["llmfleet-vllm@old.service"] and not out["changed"]
     # the same plan: nothing; a unit systemd still knows that no plan has: stopped
-    out = decide(host, _instances(tiny="1" * 32, old="2" * 32, same="3" * 32),
-                 known_units=["llmfleet-vllm@stray.service", "ssh.service", "llmfleet-store-check.service"])  # fmt: skip
+    # (the template unit itself, which systemd lists too, is no instance)
+    known = ["llmfleet-vllm@stray.service", "llmfleet-vllm@.service", "ssh.service", "llmfleet-store-check.service"]
+    out = decide(host, _instances(tiny="1" * 32, old="2" * 32, same="3" * 32), known_units=known)
     assert out["restart"] == [] and out["gone"] == ["llmfleet-vllm@stray.service"]
 
 
