@@ -70,6 +70,7 @@ def test_manifest_seals_what_the_generation_holds(host: Any, plan: dict[str, Any
         assert entry["marker_sha256"] == host.file(f"{entry['path']}/.llmfleet-complete").sha256sum, entry["path"]
     files = {"plan.json", "units/llmfleet-vllm@.service"}
     files |= {f"instances/{i['name']}/{name}" for i in plan["instances"] for name in ("env", "argv.json", "launch")}
+    files |= {f"units/{i['unit']}.d/llmfleet.conf" for i in plan["instances"]}  # each instance's drop-in
     on_disk = set(host.check_output(f"cd {gen_dir} && find . -type f ! -name '.*' -printf '%P\\n'").split())
     assert on_disk - {"manifest.json", "verified.json"} == files, on_disk
     assert set(manifest["files"]) == files
@@ -231,20 +232,28 @@ def _uid(host: Any, inst: dict[str, Any]) -> int:
 
 
 def test_limits_where_vllm_tolerates_them(host: Any, plan: dict[str, Any]) -> None:
-    """The drop-in's limits are in force and vLLM runs inside them (memory and tasks measured here)."""
+    """The drop-in's limits are the plan's, and vLLM runs inside them (memory and tasks measured here
+    where the lab host's systemd has the memory and pids controllers: on a control node with the
+    hybrid cgroup layout, v1 controllers, the container's systemd gets none, accounts nothing and
+    enforces no limit; the test then says so and checks the configuration only)."""
     for inst in plan["instances"]:
         sandbox = inst["sandbox"]
         p = _props(host, inst["unit"], "MemoryMax", "MemoryCurrent", "TasksMax", "TasksCurrent", "IPAddressDeny")
-        assert int(p["TasksMax"]) == sandbox["tasks_max"] and int(p["TasksCurrent"]) < sandbox["tasks_max"]
-        assert int(p["MemoryMax"]) == sandbox["memory_max"] and int(p["MemoryCurrent"]) < sandbox["memory_max"]
+        assert int(p["TasksMax"]) == sandbox["tasks_max"] and int(p["MemoryMax"]) == sandbox["memory_max"]
+        assert ("ip_address_allow" in sandbox) == bool(p["IPAddressDeny"])
+        name = f"{host.backend.get_hostname()} {inst['unit']}"
+        controllers = host.run("cat /sys/fs/cgroup/cgroup.controllers").stdout.split()
+        if not {"memory", "pids"} <= set(controllers):
+            print(f"{name}: limits configured (MemoryMax {sandbox['memory_max'] >> 20} MiB, TasksMax {p['TasksMax']}); not measured: "
+                  f"this host's systemd has no memory/pids controller (cgroup2 controllers: {controllers or 'none'})")  # fmt: skip
+            continue
+        assert int(p["TasksCurrent"]) < sandbox["tasks_max"] and int(p["MemoryCurrent"]) < sandbox["memory_max"]
         cgroup = host.check_output(f"systemctl show -p ControlGroup --value {inst['unit']}")
         peak = host.run(f"cat '/sys/fs/cgroup{cgroup}/memory.peak'").stdout.strip()
         print(
-            f"{host.backend.get_hostname()} {inst['unit']}: memory {int(p['MemoryCurrent']) >> 20} MiB now, peak"
-            f" {int(peak) >> 20 if peak else '?'} MiB, MemoryMax {sandbox['memory_max'] >> 20} MiB; tasks {p['TasksCurrent']}"
-            f" of {p['TasksMax']}; IPAddressDeny={p['IPAddressDeny'] or '-'}"
+            f"{name}: memory {int(p['MemoryCurrent']) >> 20} MiB now, peak {int(peak) >> 20 if peak else '?'} MiB, MemoryMax"
+            f" {sandbox['memory_max'] >> 20} MiB; tasks {p['TasksCurrent']} of {p['TasksMax']}; IPAddressDeny={p['IPAddressDeny'] or '-'}"
         )
-        assert ("ip_address_allow" in sandbox) == bool(p["IPAddressDeny"])
 
 
 def test_store_read_only_and_weights_not_writable_by_service_user(host: Any, plan: dict[str, Any]) -> None:
@@ -341,9 +350,11 @@ def test_a_keyed_instance_does_not_start_without_its_key(host: Any, plan: dict[s
         try:
             host.check_output(f"systemctl stop {unit} && mv {key} {key}.away")
             started = host.run(f"systemctl start {unit}")
-            state = host.check_output(f"systemctl show -p ActiveState --value {unit}")
+            state = _props(host, unit, "ActiveState", "SubState")
             journal = host.run(f"journalctl -u {unit} -n 20 --no-pager -o cat").stdout
-            assert started.rc != 0 and state in ("failed", "inactive"), (started.rc, state)
+            # failed, or waiting to try again (Restart=always): never running
+            down = state["ActiveState"] in ("failed", "inactive") or state["SubState"] == "auto-restart"
+            assert started.rc != 0 and down, (started.rc, state)
             assert "Failed to load environment files" in journal or "environment" in journal.lower(), journal
             assert not host.socket(f"tcp://{inst['bind']}:{inst['port']}").is_listening
         finally:
