@@ -96,7 +96,8 @@ def read_tree(tree: str | Path) -> dict[str, Any]:
     return results
 
 
-def _tail(text: str, lines: int = 3) -> str:
+def output_tail(text: str, lines: int = 3) -> str:
+    """The last non-empty lines of a command's output, on one line."""
     kept = [line.strip() for line in text.splitlines() if line.strip()]
     return " | ".join(kept[-lines:])
 
@@ -114,7 +115,7 @@ def host_report(host: str, doc: Any, planned: str | None, refused: list[Problem]
     if refused:
         entry["refused"] = [str(p) for p in refused]
     if doc is None:
-        tail = _tail(ansible_output)
+        tail = output_tail(ansible_output)
         entry.update(status=ERROR, error="ansible gave no result for this host" + (f" ({tail})" if tail else ""))
         return entry
     if not isinstance(doc, dict):

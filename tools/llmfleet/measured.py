@@ -46,7 +46,7 @@ Runner = Callable[[Callable[[str], list[str]]], tuple[dict[str, Any], str]]
 
 def record_gpus(inventory: str, limit: str | None, *, runner: Runner | None = None) -> dict[str, Any]:
     """Measure the GPU hosts of the limit and record their topology; the envelope of what happened."""
-    from .drift import module_command, run_module
+    from .drift import module_command, output_tail, run_module
 
     folder = Path(inventory)
     if not folder.is_dir():
@@ -71,7 +71,7 @@ def record_gpus(inventory: str, limit: str | None, *, runner: Runner | None = No
         doc = results.get(host)
         facts = ((doc or {}).get("ansible_facts") or {}).get("nvidia_gpu") if isinstance(doc, dict) else None
         if not isinstance(doc, dict):
-            errors[host] = "ansible gave no result for this host" + (f" ({_tail(output)})" if output.strip() else "")
+            errors[host] = "ansible gave no result for this host" + (f" ({output_tail(output, 2)})" if output.strip() else "")
         elif doc.get("unreachable") or doc.get("failed"):
             errors[host] = ("unreachable: " if doc.get("unreachable") else f"{MODULE} failed: ") + " ".join(str(doc.get("msg")).split())
         elif not isinstance(facts, dict) or not facts.get("nvml_available"):
@@ -119,7 +119,3 @@ def write_measured(path: Path, topologies: dict[str, list[list[str]]]) -> None:
             os.unlink(tmp)
         raise
 
-
-def _tail(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[-2:])
