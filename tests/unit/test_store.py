@@ -322,7 +322,7 @@ def test_model_store_rebuilds_a_damaged_path_beside_itself_and_records_the_resta
         (source / "tiny" / rel).parent.mkdir(parents=True, exist_ok=True)
         (source / "tiny" / rel).write_bytes(data)
     model_path = root / "store" / "abc-tiny"
-    plan_models = {"tiny": {"store_path": str(model_path), "files": pins(), "revision": "r1"}}
+    plan_models = {"tiny": {"source": "build:tiny", "store_path": str(model_path), "files": pins(), "revision": "r1"}}
     playbook = tmp_path / "play.yml"
     playbook.write_text(
         json.dumps(

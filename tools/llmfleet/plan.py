@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import engine_args, rules
+from . import engine_args, plan_schema, rules
 from .errors import InputError, PlanRefused, Problem, from_validation_error
 from .pins import Lock, ModelPin, RuntimePin, content_hash, model_store_name, runtime_store_name
 from .spec import (
@@ -439,7 +439,7 @@ def _instance_plan(
         url_host = f"[{url_host}]"
     plan = {
         "name": inst.name,
-        "unit": f"llmfleet-vllm@{inst.name}.service",
+        "unit": plan_schema.unit_name(inst.name),
         "model": inst.model,
         "served_model_name": inst.model,
         "bind": spec.api_bind,
@@ -604,6 +604,11 @@ def evaluate_host(host: str, host_vars: Mapping[str, Any], lock: Lock) -> dict[s
     # inputs give the same id on any control node; the host name is part of it. How the bytes
     # reach the host (its site and mirror) is not what it runs: moving a mirror restarts nothing.
     plan["generation"] = content_hash({k: v for k, v in plan.items() if k not in NOT_IN_GENERATION}, 24)
+    # the plan's schema is the one owner of its rules: a plan that breaks them never leaves the evaluator
+    broken = plan_schema.problems(plan, deployable=False)
+    if broken:
+        raise PlanRefused([Problem(host, "plan", plan["generation"], f"the evaluator made a plan its schema refuses: {line}")
+                           for line in broken])
     return plan
 
 

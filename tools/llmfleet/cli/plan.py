@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import rules
@@ -33,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="also refuse unresolved pins (what a deploy does)")
     p.add_argument("--explain", action="store_true", help="every rule per instance (passed ones too) and the capacity arithmetic")
     p.add_argument("--schema", action="store_true", help="print the plan's JSON Schema (docs/plan.schema.json) and exit")
+    p.add_argument("--write-schema", action="store_true",
+                   help="write what the plan's schema generates (docs/plan.schema.json, docs/plan-fields.md, the roles' "
+                        "nested argument specs) where it is not current, and exit")  # fmt: skip
     p.add_argument("--record-gpus", action="store_true",
                    help="measure the NVML topology of the GPU hosts (-l) and record it into the inventory "
                         "directory's llmfleet-measured.yml, which the plan then uses")  # fmt: skip
@@ -310,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         from ..plan_schema import json_schema_text
 
         sys.stdout.write(json_schema_text())
+        return ExitCode.OK
+    if args.write_schema:
+        from ..plan_schema import write_generated
+
+        repo = Path(__file__).resolve().parents[3]
+        written = write_generated(repo)
+        for path in written:
+            print(f"written: {path.relative_to(repo)}")
+        if not written:
+            print("the generated files are current")
         return ExitCode.OK
     if not args.recommend and not args.inventory:
         p.error("the following arguments are required: -i/--inventory (or --recommend MODEL)")
