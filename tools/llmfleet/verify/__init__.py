@@ -6,7 +6,7 @@ imports nothing else of llmfleet. Entry points: ``python -m llmfleet.verify`` an
 
 Modules: ``httpclient`` (HTTP/1.1 on asyncio streams), ``sse``, ``prometheus`` (text format),
 ``metrics`` (per-request results and figure definitions), ``prompts`` (exact token counts),
-``config`` (plan instance → what to check), ``checks``, ``runner`` (the steps), ``results``
-(what a run found), ``history`` (the last good run), ``report`` (JSON envelope, tables),
-``textfile`` (node_exporter), ``plot`` (HTML with inline SVG), ``cli``.
+``config`` (plan instance → what to check), ``keys`` (the API key), ``checks``, ``runner``
+(the steps), ``results`` (what a run found), ``history`` (the last good run), ``report`` (JSON
+envelope, tables), ``textfile`` (node_exporter), ``plot`` (HTML with inline SVG), ``cli``.
 """
