@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from conftest import RunCli
 from fake_vllm import Behaviour, serve
+from llmfleet.verify.client import _Stream
 from llmfleet.verify.httpclient import ProtocolError
-from llmfleet.verify.runner import _Stream
 from llmfleet.verify.sse import SseParser
 
 SHORT = ("--prompt-tokens", "16", "--output-tokens", "8", "--no-ladder", "--json")

@@ -12,7 +12,7 @@ from conftest import RunCli
 from fake_vllm import Behaviour, serve
 from llmfleet.verify import prometheus, textfile
 from llmfleet.verify.config import VerifyConfig
-from llmfleet.verify.runner import Outcome
+from llmfleet.verify.results import Outcome
 
 LOAD = ("--requests", "4", "--prompt-tokens", "16", "--output-tokens", "8")
 SAMPLE_RE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\} \S+$')

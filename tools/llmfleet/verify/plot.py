@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 from .metrics import percentile
-from .runner import LevelRun, Outcome
+from .results import LevelRun, Outcome
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 CDF_POINTS = 200  # a CDF is drawn through this many quantiles, however many samples

@@ -1,4 +1,4 @@
-"""Render an :class:`~llmfleet.verify.runner.Outcome`: a versioned JSON envelope, or a table.
+"""Render an :class:`~llmfleet.verify.results.Outcome`: a versioned JSON envelope, or a table.
 
 ``rich`` is optional (hosts have a bare Python): with it, a rich table and a progress bar on the
 load; without it, a plain aligned table and no bar.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .metrics import Distribution, RequestResult
-from .runner import Outcome
+from .results import Outcome
 
 SCHEMA = "llmfleet.verify/1"
 

@@ -21,6 +21,7 @@ Steps, in order; the first that cannot measure ends the run with a :class:`Verif
 7. the figures against the last passing run of the instance (:mod:`llmfleet.verify.history`).
 
 Figures are defined in :mod:`llmfleet.verify.metrics`.
+Requests and their answers are :mod:`llmfleet.verify.client`'s; what a run found, :mod:`llmfleet.verify.results`'.
 """
 
 from __future__ import annotations
@@ -28,26 +29,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import secrets
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import Any
 
 from . import history, prometheus
 from .checks import Check, Verdict, agrees, at_least, at_most
+from .client import COMPLETIONS, complete, error_message, get, json_body, one_line, scrape, stream_completion, token_count
 from .config import VerifyConfig
-from .errors import ExitCode, VerifyError
-from .httpclient import Connection, Endpoint, HttpError, ProtocolError, Response, Timeouts, seconds
-from .metrics import LoadSummary, RequestResult, summarize
+from .errors import VerifyError
+from .httpclient import Connection, Endpoint, HttpError, Timeouts, seconds
+from .keys import auth_headers
+from .metrics import RequestResult, summarize
 from .prompts import PromptBuilder
-from .sse import SseParser
+from .results import LevelRun, Outcome, Progress
 
-COMPLETIONS = "/v1/completions"
 #: server histograms compared with the client's distributions (first name found wins)
 SERVER_HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "ttft_s": ("vllm:time_to_first_token_seconds",),
@@ -76,300 +73,6 @@ PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 #: a health probe's whole-request deadline comes this long after its phase limits
 PROBE_TOTAL_MARGIN_S = 0.25
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
-
-
-class Progress(Protocol):
-    def start(self, total: int, label: str = "load") -> None: ...
-    def advance(self, result: RequestResult) -> None: ...
-    def stop(self) -> None: ...
-
-
-@dataclass
-class LevelRun:
-    """The streaming load at one concurrency level."""
-
-    concurrency: int
-    phase: str  # "target" (the targets are judged here), "level" (--concurrency extra), "sweep"
-    summary: LoadSummary
-    results: list[RequestResult | None]
-    client_cpu_s: float
-    prompt_seed: int = 0  # the first load prompt's seed; the others follow it
-    server: dict[str, Any] = field(default_factory=dict)  # counter deltas and histograms over the level
-
-    @property
-    def errors(self) -> list[tuple[str, int]]:
-        return Counter(r.error for r in self.results if r is not None and r.error is not None).most_common()
-
-    @property
-    def client_cpu_share(self) -> float:
-        d = self.summary.duration_s
-        return self.client_cpu_s / d if d > 0 else 0.0
-
-    def as_dict(self, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
-        return {
-            "concurrency": self.concurrency,
-            "phase": self.phase,
-            "requests": self.summary.planned,
-            "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens,
-            "prompt_seed": self.prompt_seed,
-            **self.summary.as_dict(),
-            "client_cpu_share": round(self.client_cpu_share, 4),
-            "errors": [{"error": e, "count": n} for e, n in self.errors],
-            "server": self.server,
-        }
-
-
-@dataclass
-class Outcome:
-    """Everything a run found; :mod:`llmfleet.verify.report` renders it."""
-
-    config: VerifyConfig
-    started_at: str
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    model: str | None = None
-    checks: list[Check] = field(default_factory=list)
-    levels: list[LevelRun] = field(default_factory=list)
-    ladder: list[dict[str, Any]] = field(default_factory=list)
-    sweep: dict[str, Any] | None = None
-    history: dict[str, Any] | None = None
-    server: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    duration_s: float = 0.0
-
-    @property
-    def target_level(self) -> LevelRun | None:
-        return next((lv for lv in self.levels if lv.phase == "target"), None)
-
-    @property
-    def load(self) -> LoadSummary | None:
-        """The figures at the target concurrency (the ones the targets are judged on)."""
-        lv = self.target_level
-        return None if lv is None else lv.summary
-
-    @property
-    def load_errors(self) -> list[tuple[str, int]]:
-        lv = self.target_level
-        return [] if lv is None else lv.errors
-
-    @property
-    def exit_code(self) -> ExitCode:
-        if self.error is not None:
-            return ExitCode.ERROR
-        if any(c.verdict is Verdict.FAIL for c in self.checks):
-            return ExitCode.TARGET_MISSED
-        return ExitCode.OK
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def error_message(resp: Response) -> str:
-    """The message of an error response (OpenAI/vLLM ``{"error": {"message"}}`` or older shapes)."""
-    try:
-        obj = json.loads(resp.body)
-    except ValueError:
-        obj = None
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return _one_line(str(err["message"]))
-        if isinstance(err, str) and err:
-            return _one_line(err)
-        if obj.get("message"):
-            return _one_line(str(obj["message"]))
-        if obj.get("detail"):
-            return _one_line(str(obj["detail"]))
-    return _one_line(resp.body.decode("utf-8", "replace")) or resp.reason or "no message"
-
-
-def _json(resp: Response, what: str) -> Any:
-    try:
-        return json.loads(resp.body)
-    except ValueError:
-        raise VerifyError(f"{what} answered malformed JSON: {_one_line(resp.body[:80].decode('utf-8', 'replace'))!r}") from None
-
-
-def _count_of(usage: object, key: str) -> int | None:
-    if not isinstance(usage, dict):
-        return None
-    v = usage.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
-
-
-_DECODER = json.JSONDecoder()
-_loads = _DECODER.decode
-#: the C scanner behind json.loads, minus its Python wrappers and two regex matches: this runs per event
-_scan: Callable[[str, int], tuple[object, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
-
-
-def _parse_event(data: bytes) -> object:
-    """One event's JSON when the fast scan failed: surrounding whitespace is fine; else ProtocolError."""
-    try:  # the slow path: leading or trailing whitespace is fine; otherwise the decoder's own message
-        return _loads(data.decode())
-    except ValueError as exc:
-        raise ProtocolError(f"malformed SSE: invalid JSON in event ({exc}): {data[:60]!r}") from None
-
-
-#: events a completion stream may send beyond one per output token (a final chunk, usage, [DONE], ...)
-STREAM_EVENT_SLACK = 16
-
-
-class _Stream:
-    """Consumes the SSE events of one streaming completion (see the metrics module for definitions).
-
-    A stream sends at most one content event per output token: one that sends more than
-    ``max_tokens + STREAM_EVENT_SLACK`` events is refused at once, so an endless stream costs
-    neither the request's deadline nor memory (its inter-token gaps are kept)."""
-
-    __slots__ = ("done", "events", "finish_reason", "first", "itl", "last", "max_events", "output_tokens", "prompt_tokens", "usage_seen")
-
-    def __init__(self, max_tokens: int = 0) -> None:
-        self.max_events = max_tokens + STREAM_EVENT_SLACK
-        self.events = 0
-        self.done = False
-        self.first: float | None = None
-        self.last = 0.0
-        self.itl: list[float] = []
-        self.finish_reason: str | None = None
-        self.usage_seen = False
-        self.prompt_tokens: int | None = None
-        self.output_tokens: int | None = None
-
-    def on_events(self, events: list[bytes], t: float) -> None:
-        """The events one read completed (all seen at time ``t``); the hot loop of a load."""
-        itl = self.itl
-        scan = _scan
-        self.events += len(events)
-        if self.events > self.max_events:
-            raise ProtocolError(
-                f"stream sent more events than {self.max_events} (max_tokens {self.max_events - STREAM_EVENT_SLACK} + {STREAM_EVENT_SLACK})"
-            )
-        for data in events:
-            if self.done:
-                raise ProtocolError("malformed SSE: event after [DONE]")
-            if data == b"[DONE]":
-                self.done = True
-                continue
-            try:  # inline: this runs once per token
-                text = data.decode()
-                obj, end = scan(text, 0)
-                if end != len(text):
-                    obj = _parse_event(data)
-            except (ValueError, StopIteration):  # UnicodeDecodeError included
-                obj = _parse_event(data)
-            if type(obj) is not dict:
-                raise ProtocolError(f"malformed SSE: event is not a JSON object: {data[:60]!r}")
-            choices = obj.get("choices")
-            if choices:
-                if type(choices) is not list or type(choices[0]) is not dict:
-                    raise ProtocolError(f"malformed SSE: 'choices' is not a list of objects: {data[:60]!r}")
-                if self.first is None:
-                    self.first = t
-                else:
-                    itl.append(t - self.last)
-                self.last = t
-                reason = choices[0].get("finish_reason")
-                if reason is not None:
-                    self.finish_reason = str(reason)
-            if obj.get("error"):
-                err = obj["error"]
-                msg = err.get("message") if isinstance(err, dict) else err
-                raise ProtocolError(f"error event in stream: {_one_line(str(msg))}")
-            usage = obj.get("usage")
-            if usage:
-                self.prompt_tokens = _count_of(usage, "prompt_tokens")
-                self.output_tokens = _count_of(usage, "completion_tokens")
-                if self.output_tokens is None:
-                    raise ProtocolError(f"malformed SSE: usage without an integer completion_tokens: {data[:80]!r}")
-                self.usage_seen = True
-
-
-async def stream_completion(conn: Connection, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    """One streaming completion with a fixed output length; never raises for the server's faults."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    st = _Stream(max_tokens)
-    parser = SseParser(on_batch=st.on_events)
-    sent = time.perf_counter()
-    try:
-        resp = await conn.request("POST", COMPLETIONS, body, sink=parser.feed)
-        if resp.status == 200:
-            parser.finish()
-    except HttpError as exc:
-        return RequestResult(max_tokens, error=str(exc))
-    if resp.status != 200:
-        return RequestResult(max_tokens, error=f"HTTP {resp.status} from POST {COMPLETIONS}: {error_message(resp)}", status=resp.status)
-    if not st.done:
-        if resp.content_type != "text/event-stream":
-            return RequestResult(max_tokens, error=f"expected text/event-stream, got {resp.content_type or 'no content type'}")
-        return RequestResult(max_tokens, error="stream ended before [DONE]")
-    if st.first is None:
-        return RequestResult(max_tokens, error="stream had no content chunk")
-    if not st.usage_seen:
-        return RequestResult(max_tokens, error="stream had no usage event (stream_options.include_usage ignored?)")
-    return RequestResult(
-        max_tokens,
-        ttft=st.first - sent,
-        itl=tuple(st.itl),
-        latency=st.last - sent,
-        output_tokens=st.output_tokens,
-        prompt_tokens=st.prompt_tokens,
-        finish_reason=st.finish_reason,
-    )
-
-
-API_KEY_FILE_VAR = "VLLM_API_KEY"
-
-
-def read_api_key_file(path: str) -> str:
-    """The key of an API key file: the unit's environment file (``VLLM_API_KEY=<key>``) or the bare key."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VerifyError(
-            f"API key file {path} does not exist (expected the instance's key file, e.g. /etc/llmfleet/api-keys/<name>.env)"
-        ) from None
-    except PermissionError:
-        raise VerifyError(
-            f"API key file {path} is not readable by this user (it is root-owned 0600: run as root, or use --api-key-env)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VerifyError(f"API key file {path} could not be read: {exc.__class__.__name__}") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    for ln in lines:
-        if ln.startswith(API_KEY_FILE_VAR + "="):
-            return ln[len(API_KEY_FILE_VAR) + 1 :].strip().strip("'\"")
-    if len(lines) == 1 and "=" not in lines[0]:
-        return lines[0]
-    raise VerifyError(f"API key file {path} holds no {API_KEY_FILE_VAR}=<key> line and is not a bare key")
-
-
-def _auth_headers(config: VerifyConfig) -> dict[str, str]:
-    if config.api_key_env is not None:
-        source = f"environment variable {config.api_key_env}"
-        key = os.environ.get(config.api_key_env, "")
-    elif config.api_key_file is not None:
-        source = f"API key file {config.api_key_file}"
-        key = read_api_key_file(config.api_key_file)
-    else:
-        return {}
-    if not key:
-        raise VerifyError(f"{source} (the API key) is not set or empty")
-    if any(c in key for c in "\r\n\0"):
-        raise VerifyError(f"{source} holds an invalid API key (control characters)")
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def _all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
@@ -426,24 +129,12 @@ async def run_load(
     return results, duration
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """One non-streaming completion: the status, and usage or the error message."""
-
-    status: int | None  # None: no HTTP answer (the reason is in ``error``)
-    latency_s: float
-    prompt_tokens: int | None = None
-    output_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-
-
 class _Run:
     def __init__(self, config: VerifyConfig, progress: Progress | None) -> None:
         self.config = config
         self.progress = progress
         self.endpoint = Endpoint.parse(config.url)
-        self.headers = _auth_headers(config)
+        self.headers = auth_headers(config)
         self.outcome = Outcome(config, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         self.server = self.outcome.server
         self.server["url"] = str(self.endpoint)
@@ -460,18 +151,6 @@ class _Run:
 
     def check(self, c: Check) -> None:
         self.outcome.checks.append(c)
-
-    async def get(self, path: str, conn: Connection | None = None) -> Response:
-        try:
-            return await (conn or self.conn).request("GET", path)
-        except HttpError as exc:
-            raise VerifyError(str(exc)) from None
-
-    async def post_json(self, path: str, payload: Mapping[str, Any], conn: Connection | None = None) -> Response:
-        try:
-            return await (conn or self.conn).request("POST", path, json.dumps(payload).encode())
-        except HttpError as exc:
-            raise VerifyError(str(exc)) from None
 
     # -- 1. ready -------------------------------------------------------------------------------
 
@@ -518,10 +197,10 @@ class _Run:
                     self.server["version"] = version
         except (HttpError, ValueError, AttributeError):
             pass
-        resp = await self.get("/v1/models")
+        resp = await get(self.conn, "/v1/models")
         if resp.status != 200:
             raise VerifyError(f"GET /v1/models answered HTTP {resp.status}: {error_message(resp)}")
-        obj = _json(resp, "GET /v1/models")
+        obj = json_body(resp, "GET /v1/models")
         data = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
             raise VerifyError("GET /v1/models answered no list of models with ids")
@@ -601,19 +280,6 @@ class _Run:
 
     # -- 3. metrics -----------------------------------------------------------------------------
 
-    async def scrape(self) -> prometheus.Exposition | str:
-        """The server's metrics, or why they could not be read."""
-        try:
-            resp = await self.conn.request("GET", "/metrics")
-        except HttpError as exc:
-            return str(exc)
-        if resp.status != 200:
-            return f"GET /metrics answered HTTP {resp.status}"
-        try:
-            return prometheus.parse(resp.body.decode("utf-8", "replace"))
-        except prometheus.PromParseError as exc:
-            return f"GET /metrics: {exc}"
-
     def _label_match(self) -> dict[str, str]:
         return {"model_name": self.outcome.model} if self.outcome.model else {}
 
@@ -672,34 +338,7 @@ class _Run:
 
     async def count_tokens(self, text: str, conn: Connection | None = None) -> int:
         assert self.outcome.model is not None
-        resp = await self.post_json("/tokenize", {"model": self.outcome.model, "prompt": text}, conn)
-        if resp.status != 200:
-            raise VerifyError(f"POST /tokenize answered HTTP {resp.status}: {error_message(resp)}")
-        obj = _json(resp, "POST /tokenize")
-        count = obj.get("count") if isinstance(obj, dict) else None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise VerifyError("POST /tokenize answered no integer 'count'")
-        return count
-
-    async def complete(self, prompt: str, max_tokens: int) -> _Answer:
-        """One non-streaming completion; a server error is an answer, a broken transport is too."""
-        payload = {"model": self.outcome.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
-        t0 = time.perf_counter()
-        try:
-            resp = await self.conn.request("POST", COMPLETIONS, json.dumps(payload).encode())
-        except HttpError as exc:
-            return _Answer(None, time.perf_counter() - t0, error=str(exc))
-        elapsed = time.perf_counter() - t0
-        if resp.status != 200:
-            return _Answer(resp.status, elapsed, error=error_message(resp))
-        obj = _json(resp, f"POST {COMPLETIONS}")
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        pt, ct = _count_of(usage, "prompt_tokens"), _count_of(usage, "completion_tokens")
-        if pt is None or ct is None:
-            raise VerifyError(f"POST {COMPLETIONS} answered no usage counts")
-        choices = obj.get("choices")
-        reason = choices[0].get("finish_reason") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
-        return _Answer(200, elapsed, pt, ct, reason if isinstance(reason, str) else None)
+        return await token_count(conn or self.conn, self.outcome.model, text)
 
     async def context_probe(self, max_model_len: int | None) -> None:
         ctx = self.config.targets.min_context_tokens
@@ -712,7 +351,7 @@ class _Run:
         out = self.config.context_probe_output_tokens
         n = ctx - out
         prompt = await self.builder.build(n)
-        a = await self.complete(prompt, out)
+        a = await complete(self.conn, self.outcome.model, prompt, out)
         probe: dict[str, Any] = {"prompt_tokens": n, "max_tokens": out, "status": a.status, "latency_s": round(a.latency_s, 4)}
         self.server["context_probe"] = probe
         if a.status is None:
@@ -740,7 +379,7 @@ class _Run:
         """One prompt of ``n`` tokens and ``max_tokens = 1``. A server failure (no answer, 5xx) adds a
         failed ``check`` and ends the run: the server broke on a prompt it should answer or refuse."""
         prompt = await self.builder.build(n, LADDER_SEED + n)
-        a = await self.complete(prompt, 1)
+        a = await complete(self.conn, self.outcome.model, prompt, 1)
         rung: dict[str, Any] = {"prompt_tokens": n, "kind": kind, "status": a.status, "latency_s": round(a.latency_s, 4)}
         if a.status == 200:
             rung["answered_prompt_tokens"] = a.prompt_tokens
@@ -835,7 +474,7 @@ class _Run:
                 f"load does not fit: prompt_tokens {spec.prompt_tokens} + output_tokens {spec.output_tokens}"
                 f" > max_model_len {max_model_len} of the server"
             )
-        self.before = await self.scrape()
+        self.before = await scrape(self.conn)
         target = await self.level(spec.concurrency, spec.requests, "target")
         self._load_checks(target)
         measured = {target.concurrency: target}
@@ -886,7 +525,7 @@ class _Run:
         """Scrape after a level; vLLM may publish the last tokens a moment later, so wait for them (bounded)."""
         deadline = time.monotonic() + COUNTER_SETTLE_S
         while True:
-            after = await self.scrape()
+            after = await scrape(self.conn)
             if isinstance(after, str) or isinstance(before, str):
                 return after
             a, b = after.total(GENERATION_TOKENS, self._label_match()), before.total(GENERATION_TOKENS, self._label_match())
@@ -1114,7 +753,7 @@ async def run(config: VerifyConfig, progress: Progress | None = None) -> Outcome
         await r.wait_ready()
         mml = await r.check_models()
         await r.check_key_required()
-        r.check_kv_cache(await r.scrape())
+        r.check_kv_cache(await scrape(r.conn))
         await r.context_probe(mml)
         await r.context_ladder(mml)
         await r.load(mml)
@@ -1122,7 +761,7 @@ async def run(config: VerifyConfig, progress: Progress | None = None) -> Outcome
         if target is not None:
             r.regression(target.as_dict(config.load.prompt_tokens, config.load.output_tokens))
     except VerifyError as exc:
-        r.outcome.error = _one_line(str(exc), 500)
+        r.outcome.error = one_line(str(exc), 500)
     finally:
         r.conn.close()
         r.outcome.duration_s = time.monotonic() - t0

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .httpclient import Endpoint
-from .runner import Outcome
+from .results import Outcome
 
 PREFIX = "llmfleet_verify_"
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"))
