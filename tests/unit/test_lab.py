@@ -7,10 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import llmfleet_lab as lab
 import pytest
 import yaml
-from llmfleet import lab
-from llmfleet.lab import ExitCode, Host, LabError, RootfsSpec
+from llmfleet_lab import ExitCode, Host, LabError, RootfsSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from llmfleet import lab  # noqa: E402
-from llmfleet.lab import Host  # noqa: E402
+import llmfleet_lab as lab  # noqa: E402
+from llmfleet_lab import Host  # noqa: E402
 
 LAB_INVENTORIES = ["inventory/lab", "inventory/lab-fleet", "tests/molecule/driver/inventory"]
 NO_CHECKING = ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "StrictHostKeyChecking no")
