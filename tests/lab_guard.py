@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from llmfleet.lab import LabPaths  # noqa: E402
+from llmfleet_lab.config import LabPaths  # noqa: E402
 
 
 def status(inventory: str) -> dict[str, dict[str, object]]:

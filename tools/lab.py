@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Thin shim over llmfleet.lab: `tools/lab.py up|down|status|destroy` (run it with .venv/bin/python)."""
+"""Thin shim over llmfleet_lab.cli: `tools/lab.py up|down|status|destroy` (run it with .venv/bin/python)."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
-    from llmfleet.lab import main
+    from llmfleet_lab.cli import main
 except ModuleNotFoundError as exc:
     if exc.name not in ("yaml", "rich"):
         raise

@@ -16,8 +16,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from llmfleet import lab  # noqa: E402
-from llmfleet.lab import Host  # noqa: E402
+from llmfleet_lab.config import Host  # noqa: E402
+from llmfleet_lab.ssh import render_ssh_config  # noqa: E402
 
 LAB_INVENTORIES = ["inventory/lab", "inventory/lab-fleet", "tests/molecule/driver/inventory"]
 NO_CHECKING = ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "StrictHostKeyChecking no")
@@ -86,7 +86,7 @@ def test_the_lab_ssh_config_covers_each_host_by_name_and_address(tmp_path: Path)
     """Ansible connects to ansible_host (the address), so the lab's Host blocks must match it too."""
     import ipaddress
 
-    text = lab.render_ssh_config([Host("lab1", ipaddress.ip_address("10.213.0.11"))], tmp_path / "key")
+    text = render_ssh_config([Host("lab1", ipaddress.ip_address("10.213.0.11"))], tmp_path / "key")
     assert "Host lab1 10.213.0.11\n" in text
     assert "StrictHostKeyChecking no" in text  # fresh host keys at every boot: the lab's, and only the lab's
     assert "Host *" not in text
