@@ -145,16 +145,38 @@ from typing import Any  # noqa: E402
 
 try:  # the host-state layout and the store's checks have one owner: module_utils/llmfleet_store.py
     from ansible.module_utils.llmfleet_store import ERROR as STORE_ERROR
-    from ansible.module_utils.llmfleet_store import ID_RE, MANIFEST, VERDICT_FILES, check_path, read_record, sha256_file
+    from ansible.module_utils.llmfleet_store import (
+        ID_RE,
+        MANIFEST,
+        UNIT_PREFIX,
+        UNIT_TEMPLATE,
+        VERDICT_FILES,
+        StoreError,
+        check_path,
+        read_json,
+        read_record,
+        sha256_file,
+    )
 except ImportError:  # run as a plain script (--print) beside a checkout: module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
     from llmfleet_store import ERROR as STORE_ERROR  # type: ignore[no-redef]
-    from llmfleet_store import ID_RE, MANIFEST, VERDICT_FILES, check_path, read_record, sha256_file  # type: ignore[no-redef]
+    from llmfleet_store import (  # type: ignore[no-redef]
+        ID_RE,
+        MANIFEST,
+        UNIT_PREFIX,
+        UNIT_TEMPLATE,
+        VERDICT_FILES,
+        StoreError,
+        check_path,
+        read_json,
+        read_record,
+        sha256_file,
+    )
 
 SCHEMA = 1
 NOT_IN_MANIFEST = (MANIFEST, *VERDICT_FILES)
-TEMPLATE_UNIT = "llmfleet-vllm@.service"
-UNIT_RE = re.compile(r"^llmfleet-vllm@[^ /]+\.service$")
+TEMPLATE_UNIT = UNIT_TEMPLATE
+UNIT_RE = re.compile(r"^" + re.escape(UNIT_PREFIX) + r"[^ /]+\.service$")
 ACTIVE_STATES = ("active", "activating", "reloading")
 
 
@@ -299,14 +321,16 @@ class Report:
         self.unchecked.append({"what": what, **where, "reason": reason})
 
 
+_ABSENT = object()
+
+
 def _read_json(path: str) -> tuple[Any, str | None]:
+    """The document and None, or None and why not (``missing``, or the layout owner's reason)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle), None
-    except FileNotFoundError:
-        return None, "missing"
-    except (OSError, ValueError) as exc:
-        return None, f"not readable JSON: {_one_line(exc)}"
+        doc = read_json(path, _ABSENT)
+    except StoreError as exc:
+        return None, str(exc).removeprefix(f"{path} is ")
+    return (None, "missing") if doc is _ABSENT else (doc, None)
 
 
 def _current(root: str, r: Report) -> str | None:

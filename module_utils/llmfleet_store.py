@@ -25,8 +25,10 @@ Exit codes of the command: 0 every path intact, 3 damage found, 1 could not chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +38,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # --- the host-state layout: the one place its names are written (library/llmfleet_generation.py,
@@ -59,6 +62,13 @@ ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 #: <root>/store-check.json: the last full check (what the timer or a rollout's full check found)
 RECORD = "store-check.json"
 PENDING_RESTART = "pending-restart.json"
+#: every instance is an instance of this systemd template unit: <UNIT_PREFIX><name>.service
+UNIT_PREFIX = "llmfleet-vllm@"
+UNIT_TEMPLATE = UNIT_PREFIX + ".service"
+#: the root's lock: one generation action (seal, switch, mark, gc) at a time
+LOCK = ".lock"
+#: how long an action waits for another one (a gc, a switch) to release the root's lock
+LOCK_WAIT_S = 60.0
 SCHEMA = 1
 OK, DAMAGED, MISSING, INCOMPLETE, ERROR = "ok", "damaged", "missing", "incomplete", "error"
 TEXTFILE_NAME = "llmfleet_store.prom"
@@ -242,14 +252,20 @@ def _check_unpinned(path: str, kind: str, sealed: int, result: dict[str, Any]) -
 # --- what a root's generations use --------------------------------------------------------------
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str, default: Any = None) -> Any:
+    """The JSON document at ``path``; ``default`` when there is none; StoreError when it is not JSON."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        return None
+        return default
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path} is not readable JSON: {_one_line(exc)}") from None
+
+
+def unit_name(instance: str) -> str:
+    """The systemd unit of an instance: llmfleet-vllm@<name>.service."""
+    return f"{UNIT_PREFIX}{instance}.service"
 
 
 def current_generation(root: str) -> str | None:
@@ -269,10 +285,10 @@ def paths_of_root(root: str) -> list[dict[str, Any]]:
     current = current_generation(root)
     found: dict[str, dict[str, Any]] = {}
     for gid in gens:
-        manifest = _read_json(os.path.join(gens_dir, gid, MANIFEST))
+        manifest = read_json(os.path.join(gens_dir, gid, MANIFEST))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             continue  # not sealed: it uses nothing yet
-        plan = _read_json(os.path.join(gens_dir, gid, "plan.json"))
+        plan = read_json(os.path.join(gens_dir, gid, "plan.json"))
         models = plan.get("models") if isinstance(plan, dict) and isinstance(plan.get("models"), dict) else {}
         pinned = {m.get("store_path"): m.get("files") for m in models.values() if isinstance(m, dict)}
         for e in manifest["store_paths"]:
@@ -295,7 +311,7 @@ def serving(root: str, paths: list[str]) -> dict[str, list[dict[str, str]]]:
     current = current_generation(root)
     if current is None:
         return out
-    plan = _read_json(os.path.join(root, GENERATIONS, current, PLAN))
+    plan = read_json(os.path.join(root, GENERATIONS, current, PLAN))
     if not isinstance(plan, dict):
         return out
     runtime = (plan.get("runtime") or {}).get("store_path")
@@ -304,11 +320,153 @@ def serving(root: str, paths: list[str]) -> dict[str, list[dict[str, str]]]:
         if not isinstance(inst, dict):
             continue
         uses = {runtime, (models.get(inst.get("model")) or {}).get("store_path")}
-        who = {"name": str(inst.get("name")), "unit": str(inst.get("unit") or f"llmfleet-vllm@{inst.get('name')}.service")}
+        who = {"name": str(inst.get("name")), "unit": str(inst.get("unit") or unit_name(str(inst.get("name"))))}
         for p in paths:
             if p in uses:
                 out[p].append(who)
     return out
+
+
+# --- a root's generations (read by llmfleet_generation, llmfleet_generation_info) ---------------------
+
+
+class GenerationRoot:
+    """A root's generations as the layout above puts them: read them, resolve a rollback target, hold the lock."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.generations = os.path.join(root, GENERATIONS)
+        self.current_link = os.path.join(root, CURRENT)
+        self.history_file = os.path.join(root, HISTORY)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``<root>/.lock`` (flock, exclusive) for one action; fail after LOCK_WAIT_S."""
+        if not os.path.isdir(self.root):  # nothing rendered yet (check mode before install): nothing to guard
+            yield
+            return
+        path = os.path.join(self.root, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            f"another llmfleet_generation action holds {path} (waited {LOCK_WAIT_S:g} s): a gc or a switch"
+                            " is running on this host; try again when it is done"
+                        ) from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def switched_at(self) -> int | None:
+        """When ``current`` was last switched (the symlink's own mtime, ns), or None."""
+        try:
+            return os.lstat(self.current_link).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def gen_dir(self, generation: str) -> str:
+        if not ID_RE.match(generation or ""):
+            raise StoreError(f"generation {generation!r} is not a generation id (8 to 64 hex digits)")
+        return os.path.join(self.generations, generation)
+
+    def current(self) -> str | None:
+        try:
+            target = os.readlink(self.current_link)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"{self.current_link} is not a symlink to a generation: {exc}") from None
+        name = os.path.basename(os.path.normpath(target))
+        return name if ID_RE.match(name) else None
+
+    def history(self) -> list[dict[str, Any]]:
+        doc = read_json(self.history_file, {"schema": SCHEMA, "entries": []})
+        entries = doc.get("entries") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise StoreError(f"{self.history_file}: expected {{'entries': [...]}}")
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("generation"), str)]
+
+    def on_disk(self) -> list[str]:
+        try:
+            names = os.listdir(self.generations)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if ID_RE.match(n) and os.path.isdir(os.path.join(self.generations, n)))
+
+    def complete(self, generation: str) -> bool:
+        return os.path.isfile(os.path.join(self.gen_dir(generation), MANIFEST))
+
+    def verdict(self, generation: str, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.gen_dir(generation), f"{name}.json"))
+
+    def describe(self) -> dict[str, Any]:
+        history = self.history()
+        numbers: dict[str, list[int]] = {}
+        for entry in history:
+            numbers.setdefault(entry["generation"], []).append(int(entry.get("n", 0)))
+        generations = [
+            {
+                "id": gid,
+                "complete": self.complete(gid),
+                "verified": self.verdict(gid, "verified"),
+                "failed": self.verdict(gid, "failed"),
+                "numbers": numbers.get(gid, []),
+            }
+            for gid in self.on_disk()
+        ]
+        current = self.current()
+        return {
+            "current": current,
+            "previous": self.previous(current, history),
+            "history": history,
+            "generations": generations,
+        }
+
+    def previous(self, current: str | None, history: list[dict[str, Any]]) -> str | None:
+        for entry in reversed(history):
+            gid = entry["generation"]
+            if gid != current and os.path.isdir(self.gen_dir(gid)) and self.complete(gid) and not self.verdict(gid, "failed"):
+                return gid
+        return None
+
+    def resolve(self, to: str) -> str:
+        history = self.history()
+        current = self.current()
+        if to in ("", "previous"):
+            target = self.previous(current, history)
+            if target is None:
+                raise StoreError(
+                    f"no previous generation to roll back to (current {current}; the history has no other complete "
+                    "generation that is not marked failed)"
+                )
+            return target
+        if to.isdigit():
+            for entry in history:
+                if int(entry.get("n", -1)) == int(to):
+                    target = entry["generation"]
+                    break
+            else:
+                valid = ", ".join(str(e.get("n")) for e in history) or "none"
+                raise StoreError(f"rollback_to={to}: no switch numbered {to} in the history (valid: {valid})")
+        else:
+            matches = [g for g in self.on_disk() if len(to) >= 8 and g.startswith(to.lower())]
+            if len(matches) != 1:
+                valid = ", ".join(self.on_disk()) or "none"
+                raise StoreError(
+                    f"rollback_to={to}: {'no' if not matches else 'more than one'} generation matches "
+                    f"(valid: previous, a history number, or one of: {valid})"
+                )
+            target = matches[0]
+        if not os.path.isdir(self.gen_dir(target)) or not self.complete(target):
+            raise StoreError(f"generation {target} is no longer complete on this host (collected?): cannot switch to it")
+        return target
 
 
 # --- the record of the last full check ----------------------------------------------------------
@@ -316,26 +474,37 @@ def serving(root: str, paths: list[str]) -> dict[str, list[dict[str, str]]]:
 
 def read_record(root: str) -> dict[str, Any]:
     try:
-        doc = _read_json(os.path.join(root, RECORD))
+        doc = read_json(os.path.join(root, RECORD))
     except StoreError:
         return {}
     paths = doc.get("paths") if isinstance(doc, dict) else None
     return paths if isinstance(paths, dict) else {}
 
 
-def write_json_atomic(path: str, doc: Any) -> None:
-    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: str, doc: Any, mode: int = 0o644) -> bool:
+    """Write doc to path by rename, with ``mode`` set on the open file; False when the file already
+    holds exactly this content with this mode."""
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == text and os.fstat(handle.fileno()).st_mode & 0o7777 == mode:
+                return False
+    except FileNotFoundError:
+        pass
+    write_text_atomic(path, text, mode)
+    return True
 
 
-def write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Write text to path by rename (0644 by default: node_exporter reads a textfile as its own user)."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # node_exporter reads the textfile as its own user
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -365,7 +534,7 @@ def add_pending_restarts(root: str, names: list[str]) -> bool:
     if not names:
         return False
     path = os.path.join(root, PENDING_RESTART)
-    old = _read_json(path)
+    old = read_json(path)
     have = [str(n) for n in old] if isinstance(old, list) else []
     new = have + [n for n in names if n not in have]
     if new == have:

@@ -1,4 +1,5 @@
-"""The generations module (library/llmfleet_generation.py) on host-like trees."""
+"""The generations modules (library/llmfleet_generation.py, which changes them, and
+llmfleet_generation_info.py, which reads them) on host-like trees."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from by_path import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 gen = load_file("llmfleet_generation", REPO / "library" / "llmfleet_generation.py")
+info = load_file("llmfleet_generation_info", REPO / "library" / "llmfleet_generation_info.py")
 
 A, B, C, D = "a" * 24, "b" * 24, "c" * 24, "d" * 24
 
@@ -113,7 +115,7 @@ def test_previous_skips_failed_generations(host: Path) -> None:
     for g in (A, B, C):
         switch(host, g)
     gen.run(params(host, "mark", generation=B, verdict="failed", reason="verify"), False)
-    status = gen.run(params(host, "status", to="previous"), False)
+    status = info.run({"root": str(host), "to": "previous"})
     assert status["current"] == C and status["target"] == A
     assert {g["id"]: g["failed"] for g in status["generations"]}[B]
 
@@ -121,18 +123,18 @@ def test_previous_skips_failed_generations(host: Path) -> None:
 def test_rollback_target_by_number_and_by_id_prefix(host: Path) -> None:
     for g in (A, B, C):
         switch(host, g)
-    assert gen.run(params(host, "status", to="1"), False)["target"] == A
-    assert gen.run(params(host, "status", to=B[:8]), False)["target"] == B
+    assert info.run({"root": str(host), "to": "1"})["target"] == A
+    assert info.run({"root": str(host), "to": B[:8]})["target"] == B
     with pytest.raises(gen.GenerationError, match=r"no switch numbered 9 .*valid: 1, 2, 3"):
-        gen.run(params(host, "status", to="9"), False)
+        info.run({"root": str(host), "to": "9"})
     with pytest.raises(gen.GenerationError, match="no generation matches"):
-        gen.run(params(host, "status", to="e" * 8), False)
+        info.run({"root": str(host), "to": "e" * 8})
 
 
 def test_no_previous_on_a_first_rollout(host: Path) -> None:
     switch(host, A)
     with pytest.raises(gen.GenerationError, match="no previous generation"):
-        gen.run(params(host, "status", to="previous"), False)
+        info.run({"root": str(host), "to": "previous"})
 
 
 def test_mark_keeps_one_verdict(host: Path) -> None:
@@ -244,7 +246,7 @@ def test_gc_takes_a_lock_and_waits_for_no_one_forever(host: Path, monkeypatch: p
     import fcntl
 
     switch(host, A)
-    monkeypatch.setattr(gen, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setitem(gen.GenerationRoot.locked.__wrapped__.__globals__, "LOCK_WAIT_S", 0.3)  # the layout's owner reads it
     with open(host / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another gc (or a switch) is running
         with pytest.raises(gen.GenerationError, match=r"another llmfleet_generation action holds .*\.lock"):
@@ -375,3 +377,17 @@ def test_decide_on_a_fresh_host_starts_everything_and_refuses_an_incomplete_inst
     assert out["restart"] == ["a", "b"] and out["gone"] == [] and out["current"] is None
     with pytest.raises(gen.GenerationError, match="each needs name, content_hash and unit"):
         decide(root, [{"name": "a"}])
+
+
+def test_info_reads_without_changing_anything(host: Path) -> None:
+    for g in (A, B):
+        switch(host, g)
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.lstat().st_mtime_ns, p.lstat().st_size) for p in sorted(host.rglob("*"))}
+
+    before = tree()
+    out = info.run({"root": str(host), "to": None})
+    assert out["changed"] is False and "target" not in out
+    assert out["current"] == B and out["previous"] == A and [e["generation"] for e in out["history"]] == [A, B]
+    assert tree() == before
