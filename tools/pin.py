@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llmfleet.artifacts.cli import main
+from llmfleet.cli.pin import main
 
 if __name__ == "__main__":
     sys.exit(main())

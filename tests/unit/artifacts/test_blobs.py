@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from llmfleet.artifacts.blobs import Blob, export_bundle, import_bundle, link_blobs, lock_blobs, serve_in_thread
-from llmfleet.artifacts.cli import main
 from llmfleet.artifacts.lockfile import read_lock, with_model, with_runtime, write_lock
+from llmfleet.cli.pin import main
 from llmfleet.pins import ArchFacts, FilePin, ModelPin, Requirement, RuntimePin
 
 WHEEL, CONFIG, WEIGHTS = b"wheel bytes", b'{"a": 1}\n', bytes(range(256)) * 4096

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from llmfleet.artifacts import hub as hubmod
-from llmfleet.artifacts.cli import main
 from llmfleet.artifacts.lockfile import read_lock, write_lock
+from llmfleet.cli.pin import main
 from testhub import TestHub
 from testhub.checkpoints import sharded
 

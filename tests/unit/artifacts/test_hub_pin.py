@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from llmfleet.artifacts.checkpoint import fact_differences, facts_from_checkpoint
-from llmfleet.artifacts.cli import main
 from llmfleet.artifacts.lockfile import read_lock
 from llmfleet.artifacts.tiny_model import TinyLlamaSpec, build
+from llmfleet.cli.pin import main
 from llmfleet.pins import DEFAULT_LOCK, load_lock
 from testhub import TestHub
 from testhub.checkpoints import PRODUCTION_KEYS, folder, nemotron_config, production

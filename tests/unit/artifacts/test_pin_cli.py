@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from llmfleet.artifacts.cli import main
 from llmfleet.artifacts.lockfile import read_lock, render, with_model, with_runtime, write_lock
+from llmfleet.cli.pin import main
 from llmfleet.pins import ArchFacts, FilePin, ModelPin, Requirement, RuntimePin
 
 FACTS = ArchFacts(

@@ -118,7 +118,7 @@ def test_invalid_parameters_are_refused(params: dict[str, Any], needle: str) -> 
 
 def test_the_package_imports_without_torch() -> None:
     code = (
-        "import sys; import llmfleet.artifacts.cli, llmfleet.artifacts.tiny_model, llmfleet.artifacts.wheelhouse; "
+        "import sys; import llmfleet.cli.pin, llmfleet.artifacts.tiny_model, llmfleet.artifacts.wheelhouse; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     tools = Path(__file__).resolve().parents[3] / "tools"

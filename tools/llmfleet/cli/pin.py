@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from .. import options_scan
-from ..cli.common import ExitCode, add_limit, run
+from ..artifacts.cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
+from ..artifacts.hub import SCHEME
+from ..artifacts.lockfile import lock_path, read_lock, with_model, with_runtime, write_lock
+from ..artifacts.wheelhouse import RuntimeInputs, Target, check_wheelhouse, fill_wheelhouse, resolve_by_download, resolve_by_index
 from ..cuda import cuda_build
 from ..errors import LlmfleetError
 from ..pins import DEFAULT_LOCK, FilePin, Lock, ModelPin, RuntimePin
-from .cache import MismatchError, cache_root, check_dir, expected_files, replace_dir, revision
-from .hub import SCHEME
-from .lockfile import lock_path, read_lock, with_model, with_runtime, write_lock
-from .wheelhouse import RuntimeInputs, Target, check_wheelhouse, fill_wheelhouse, resolve_by_download, resolve_by_index
+from .common import ExitCode, add_limit, run
 
 if TYPE_CHECKING:
-    from .tiny_model import TinyLlamaSpec
+    from ..artifacts.tiny_model import TinyLlamaSpec
 
 BUILD_PREFIX = "build:"
 
@@ -146,7 +146,7 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _spec(key: str, source: str, params: dict[str, Any]) -> TinyLlamaSpec:
-    from .tiny_model import BUILDER, TinyLlamaSpec
+    from ..artifacts.tiny_model import BUILDER, TinyLlamaSpec
 
     if not source.startswith(BUILD_PREFIX):
         raise LlmfleetError(
@@ -164,7 +164,7 @@ def _spec(key: str, source: str, params: dict[str, Any]) -> TinyLlamaSpec:
 
 def _build_into_cache(key: str, spec: TinyLlamaSpec, expected: ModelPin | None) -> list[FilePin]:
     """Build into a temporary folder beside the cache entry, check it, swap it into place."""
-    from .tiny_model import build
+    from ..artifacts.tiny_model import build
 
     dst = model_dir(key)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ def cmd_model_add(args: argparse.Namespace) -> int:
 
 
 def _pin_hub(args: argparse.Namespace, path: Path, lock: Lock, old: ModelPin | None) -> int:
-    from .model_pin import describe, pin_from_hub
+    from ..artifacts.model_pin import describe, pin_from_hub
 
     started = time.monotonic()
     pin, report = pin_from_hub(args.key, args.source, args.revision, args.include, args.exclude, old, log=say)
@@ -240,7 +240,7 @@ def _fetch_hub(key: str, model: ModelPin, jobs: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from .hub import HubSource, Transfer, fetch
+    from ..artifacts.hub import HubSource, Transfer, fetch
 
     disable_progress_bars()
     source = HubSource.parse(model.source)
@@ -349,7 +349,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             continue
         _build_into_cache(key, _spec(key, model.source, dict(model.builder or {})), model)
         say(f"model {key}: built and verified in {dst}")
-    from .blobs import link_blobs, lock_blobs
+    from ..artifacts.blobs import link_blobs, lock_blobs
 
     resolved = lock_blobs(lock, [k for k, p in runtimes.items() if p.resolved], [k for k, p in models.items() if p.resolved])
     made = link_blobs(cache_root(), resolved)
@@ -367,7 +367,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the cache's blobs read-only until interrupted: the upstream a site's mirror fills from."""
     import signal
 
-    from .blobs import make_server
+    from ..artifacts.blobs import make_server
 
     binds = []
     for bind in args.bind or ["127.0.0.1:8091"]:
@@ -417,7 +417,7 @@ def _site_needs(lock: Lock, inventory: str, site: str | None) -> tuple[set[str],
 
 
 def cmd_bundle_export(args: argparse.Namespace) -> int:
-    from .blobs import export_bundle, link_blobs, lock_blobs
+    from ..artifacts.blobs import export_bundle, link_blobs, lock_blobs
 
     path = lock_path(args.lock)
     lock = read_lock(path)
@@ -437,7 +437,7 @@ def cmd_bundle_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_import(args: argparse.Namespace) -> int:
-    from .blobs import import_bundle
+    from ..artifacts.blobs import import_bundle
 
     started = time.monotonic()
     report = import_bundle(Path(args.bundle), Path(args.into), log=say)
@@ -447,7 +447,7 @@ def cmd_bundle_import(args: argparse.Namespace) -> int:
 
 def _model_check(key: str, pin: ModelPin) -> list[str]:
     """The cache entry against the pin's files, then (hub pins) the pin's facts against the checkpoint's."""
-    from .model_pin import checkpoint_differences
+    from ..artifacts.model_pin import checkpoint_differences
 
     problems = model_problems(key, pin)
     if not problems and pin.source.startswith(SCHEME):
