@@ -144,39 +144,15 @@ import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
 
 try:  # the host-state layout and the store's checks have one owner: module_utils/llmfleet_store.py
-    from ansible.module_utils.llmfleet_store import ERROR as STORE_ERROR
-    from ansible.module_utils.llmfleet_store import (
-        ID_RE,
-        MANIFEST,
-        UNIT_PREFIX,
-        UNIT_TEMPLATE,
-        VERDICT_FILES,
-        StoreError,
-        check_path,
-        read_json,
-        read_record,
-        sha256_file,
-    )
-except ImportError:  # run as a plain script (--print) beside a checkout: module_utils/ is a sibling of library/
+    from ansible.module_utils import llmfleet_store as layout
+except ImportError:  # beside a checkout (the unit tests, a plain script): module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
-    from llmfleet_store import ERROR as STORE_ERROR  # type: ignore[no-redef]
-    from llmfleet_store import (  # type: ignore[no-redef]
-        ID_RE,
-        MANIFEST,
-        UNIT_PREFIX,
-        UNIT_TEMPLATE,
-        VERDICT_FILES,
-        StoreError,
-        check_path,
-        read_json,
-        read_record,
-        sha256_file,
-    )
+    import llmfleet_store as layout  # type: ignore[no-redef]
 
 SCHEMA = 1
-NOT_IN_MANIFEST = (MANIFEST, *VERDICT_FILES)
-TEMPLATE_UNIT = UNIT_TEMPLATE
-UNIT_RE = re.compile(r"^" + re.escape(UNIT_PREFIX) + r"[^ /]+\.service$")
+NOT_IN_MANIFEST = (layout.MANIFEST, *layout.VERDICT_FILES)
+TEMPLATE_UNIT = layout.UNIT_TEMPLATE
+UNIT_RE = re.compile(r"^" + re.escape(layout.UNIT_PREFIX) + r"[^ /]+\.service$")
 ACTIVE_STATES = ("active", "activating", "reloading")
 
 
@@ -187,7 +163,7 @@ class RootUnreadable(Exception):
 def _sha(path: str, r: Report) -> str | None:
     """sha256 of a file, None (and an unchecked entry) when it cannot be read."""
     try:
-        return sha256_file(path)
+        return layout.sha256_file(path)
     except OSError as exc:
         r.skip("file", exc.strerror or _one_line(exc), path=path)
         return None
@@ -327,8 +303,8 @@ _ABSENT = object()
 def _read_json(path: str) -> tuple[Any, str | None]:
     """The document and None, or None and why not (``missing``, or the layout owner's reason)."""
     try:
-        doc = read_json(path, _ABSENT)
-    except StoreError as exc:
+        doc = layout.read_json(path, _ABSENT)
+    except layout.StoreError as exc:
         return None, str(exc).removeprefix(f"{path} is ")
     return (None, "missing") if doc is _ABSENT else (doc, None)
 
@@ -343,7 +319,7 @@ def _current(root: str, r: Report) -> str | None:
         return None
     target = os.readlink(link)
     parts = os.path.normpath(target).split(os.sep)
-    if len(parts) != 2 or parts[0] != "generations" or not ID_RE.match(parts[1]):
+    if len(parts) != 2 or parts[0] != "generations" or not layout.ID_RE.match(parts[1]):
         r.add("current-invalid", f"{link} -> {target}, not generations/<id>", path=link, expected="generations/<id>", found=target)
         return None
     gen_dir = os.path.join(root, "generations", parts[1])
@@ -370,8 +346,8 @@ def _check_files(gen_dir: str, manifest: dict[str, Any], r: Report) -> None:
     if not isinstance(files, dict):
         r.add(
             "manifest-invalid",
-            f"{gen_dir}/{MANIFEST}: 'files' is not a mapping",
-            path=f"{gen_dir}/{MANIFEST}",
+            f"{gen_dir}/{layout.MANIFEST}: 'files' is not a mapping",
+            path=f"{gen_dir}/{layout.MANIFEST}",
             expected="files: {path: sha256}",
             found=type(files).__name__,
         )
@@ -416,7 +392,8 @@ def _check_store(root: str, manifest: dict[str, Any], plan: dict[str, Any] | Non
     """Every store path of the manifest and of the plan, as module_utils/llmfleet_store checks it."""
     entries = manifest.get("store_paths")
     if not isinstance(entries, list):
-        r.add("manifest-invalid", "manifest 'store_paths' is not a list", path=MANIFEST, expected="a list", found=type(entries).__name__)
+        r.add("manifest-invalid", "manifest 'store_paths' is not a list", path=layout.MANIFEST, expected="a list",
+              found=type(entries).__name__)
         entries = []
     paths: dict[str, dict[str, Any]] = {}
     for entry in entries:
@@ -424,7 +401,7 @@ def _check_store(root: str, manifest: dict[str, Any], plan: dict[str, Any] | Non
             r.add(
                 "manifest-invalid",
                 f"manifest store_paths entry {entry!r} has no path",
-                path=MANIFEST,
+                path=layout.MANIFEST,
                 expected="{path, kind, marker_sha256}",
                 found=entry,
             )
@@ -441,10 +418,10 @@ def _check_store(root: str, manifest: dict[str, Any], plan: dict[str, Any] | Non
         store = (plan.get("runtime") or {}).get("store_path")
         if isinstance(store, str):
             paths.setdefault(store, {"kind": "runtime", "marker_sha256": None, "files": None})["kind"] = "runtime"
-    record = {} if hash_files else read_record(root)
+    record = {} if hash_files else layout.read_record(root)
     for path, e in paths.items():
-        res = check_path(path, e["kind"], e["files"], marker_sha256=e["marker_sha256"], full=hash_files, last=record.get(path))
-        if res["status"] == STORE_ERROR:
+        res = layout.check_path(path, e["kind"], e["files"], marker_sha256=e["marker_sha256"], full=hash_files, last=record.get(path))
+        if res["status"] == layout.ERROR:
             r.skip("store", str(res.get("error")), path=path)
             continue
         if e["files"] is not None:
@@ -682,13 +659,13 @@ def check_host(
     plan: dict[str, Any] | None = None
     if generation is not None:
         gen_dir = os.path.join(root, "generations", generation)
-        manifest, err = _read_json(os.path.join(gen_dir, MANIFEST))
+        manifest, err = _read_json(os.path.join(gen_dir, layout.MANIFEST))
         if err is not None or not isinstance(manifest, dict):
             what = "manifest-missing" if err == "missing" else "manifest-invalid"
             r.add(
                 what,
-                f"{gen_dir}/{MANIFEST}: {err or 'not a JSON object'} (an incomplete generation)",
-                path=f"{gen_dir}/{MANIFEST}",
+                f"{gen_dir}/{layout.MANIFEST}: {err or 'not a JSON object'} (an incomplete generation)",
+                path=f"{gen_dir}/{layout.MANIFEST}",
                 expected="a sealed manifest",
                 found=err,
             )
@@ -698,8 +675,8 @@ def check_host(
             if manifest.get("generation") != generation:
                 r.add(
                     "generation-mismatch",
-                    f"{gen_dir}/{MANIFEST} was sealed for generation {manifest.get('generation')}",
-                    path=f"{gen_dir}/{MANIFEST}",
+                    f"{gen_dir}/{layout.MANIFEST} was sealed for generation {manifest.get('generation')}",
+                    path=f"{gen_dir}/{layout.MANIFEST}",
                     expected=generation,
                     found=manifest.get("generation"),
                 )
@@ -782,7 +759,7 @@ def converged(root: str, result: dict[str, Any], expect: dict[str, Any], probes:
     if script_sha:
         script = os.path.join(root, "tools", "llmfleet_store.py")
         try:
-            found = sha256_file(script)
+            found = layout.sha256_file(script)
         except OSError:
             found = None
         if found != script_sha:

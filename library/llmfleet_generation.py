@@ -179,47 +179,17 @@ from typing import Any  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 try:  # the host-state layout and how a root's generations are read have one owner: module_utils/llmfleet_store.py
-    from ansible.module_utils.llmfleet_store import (
-        MANIFEST,
-        MARKER,
-        PARTIAL,
-        PENDING_RESTART,
-        PLAN,
-        SCHEMA,
-        UNIT_PREFIX,
-        VERDICT_FILES,
-        GenerationRoot,
-        StoreError,
-        read_json,
-        remove_tree,
-        sha256_file,
-        write_json_atomic,
-    )
-except ImportError:  # imported by the unit tests beside a checkout: module_utils/ is a sibling of library/
+    from ansible.module_utils import llmfleet_store as layout
+except ImportError:  # beside a checkout (the unit tests, a plain script): module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
-    from llmfleet_store import (  # type: ignore[no-redef]
-        MANIFEST,
-        MARKER,
-        PARTIAL,
-        PENDING_RESTART,
-        PLAN,
-        SCHEMA,
-        UNIT_PREFIX,
-        VERDICT_FILES,
-        GenerationRoot,
-        StoreError,
-        read_json,
-        remove_tree,
-        sha256_file,
-        write_json_atomic,
-    )
+    import llmfleet_store as layout  # type: ignore[no-redef]
 
 #: failed.json keeps the failure (journal lines of the crash, which may quote requests): root only
 VERDICT_MODES = {"verified": 0o644, "failed": 0o600}
-NOT_SEALED = (MANIFEST, *VERDICT_FILES)
+NOT_SEALED = (layout.MANIFEST, *layout.VERDICT_FILES)
 #: the refusals of this module are the layout's (a message that names what is wrong)
-GenerationError = StoreError
-Root = GenerationRoot
+GenerationError = layout.StoreError
+Root = layout.GenerationRoot
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -234,7 +204,7 @@ def generation_files(gen_dir: str) -> dict[str, str]:
             rel = os.path.relpath(path, gen_dir)
             if rel in NOT_SEALED or name.startswith("."):
                 continue
-            files[rel] = sha256_file(path)
+            files[rel] = layout.sha256_file(path)
     return files
 
 
@@ -250,47 +220,49 @@ def seal(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     for kind, path in wanted:
         if not path.startswith("/"):
             raise GenerationError(f"{kind} store path {path!r}: expected an absolute path")
-        marker = os.path.join(path, MARKER)
+        marker = os.path.join(path, layout.MARKER)
         if not os.path.isfile(marker):
             if check:
                 store_paths.append({"path": path, "kind": kind, "marker_sha256": None})
                 continue
-            raise GenerationError(f"store path {path} is not complete (no {MARKER}): the generation cannot use it")
-        store_paths.append({"path": path, "kind": kind, "marker_sha256": sha256_file(marker)})
+            raise GenerationError(f"store path {path} is not complete (no {layout.MARKER}): the generation cannot use it")
+        store_paths.append({"path": path, "kind": kind, "marker_sha256": layout.sha256_file(marker)})
     manifest = {
-        "schema": SCHEMA,
+        "schema": layout.SCHEMA,
         "generation": params["generation"],
         "host": params.get("host"),
         "instances": dict(sorted((params.get("instances") or {}).items())),
         "files": generation_files(gen_dir),
         "store_paths": sorted(store_paths, key=lambda e: (e["kind"], e["path"])),
     }
-    path = os.path.join(gen_dir, MANIFEST)
+    path = os.path.join(gen_dir, layout.MANIFEST)
     if check:
-        return {"changed": read_json(path) != manifest, "manifest": manifest}
-    return {"changed": write_json_atomic(path, manifest), "manifest": manifest}
+        return {"changed": layout.read_json(path) != manifest, "manifest": manifest}
+    return {"changed": layout.write_json_atomic(path, manifest), "manifest": manifest}
 
 
 def check_sealed(gen_dir: str) -> None:
     """The generation is still what its manifest sealed: every file, and every store path it uses with
     the completion marker it had (a store path rebuilt, half removed or replaced is refused)."""
-    manifest = read_json(os.path.join(gen_dir, MANIFEST))
+    manifest = layout.read_json(os.path.join(gen_dir, layout.MANIFEST))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("store_paths"), list):
-        raise GenerationError(f"{gen_dir}/{MANIFEST} is not a manifest (files, store_paths): the generation cannot be switched to")
+        raise GenerationError(f"{gen_dir}/{layout.MANIFEST} is not a manifest (files, store_paths): the generation cannot be switched to")
     for rel, digest in sorted(manifest["files"].items()):
         path = os.path.join(gen_dir, rel)
-        if not os.path.isfile(path) or sha256_file(path) != digest:
+        if not os.path.isfile(path) or layout.sha256_file(path) != digest:
             raise GenerationError(
                 f"{path} is missing or differs from its manifest: generation {os.path.basename(gen_dir)} was changed after it was sealed"
             )
     for entry in manifest["store_paths"]:
         path, want = str(entry.get("path")), entry.get("marker_sha256")
-        marker = os.path.join(path, MARKER)
+        marker = os.path.join(path, layout.MARKER)
         if not os.path.isdir(path) or os.path.islink(path) or not os.path.isfile(marker):
-            raise GenerationError(f"store path {path} is not complete (no {MARKER}): generation {os.path.basename(gen_dir)} needs it")
-        if sha256_file(marker) != want:
             raise GenerationError(
-                f"store path {path} is not the one generation {os.path.basename(gen_dir)} was sealed with (its {MARKER} changed)"
+                f"store path {path} is not complete (no {layout.MARKER}): generation {os.path.basename(gen_dir)} needs it"
+            )
+        if layout.sha256_file(marker) != want:
+            raise GenerationError(
+                f"store path {path} is not the one generation {os.path.basename(gen_dir)} was sealed with (its {layout.MARKER} changed)"
             )
 
 
@@ -300,10 +272,10 @@ def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     before = root.current()
     if before == generation:
         return {"changed": False, "previous": before, "number": _last_number(root.history(), generation)}
-    if not os.path.isfile(os.path.join(gen_dir, MANIFEST)):
+    if not os.path.isfile(os.path.join(gen_dir, layout.MANIFEST)):
         if check:
             return {"changed": True, "previous": before, "number": None}
-        raise GenerationError(f"generation {generation} is not complete (no {gen_dir}/{MANIFEST}): it cannot be switched to")
+        raise GenerationError(f"generation {generation} is not complete (no {gen_dir}/{layout.MANIFEST}): it cannot be switched to")
     if not check:
         check_sealed(gen_dir)
     history = root.history()
@@ -322,7 +294,7 @@ def switch(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         "reason": params.get("reason") or "rollout",
         "from": before,
     }
-    write_json_atomic(root.history_file, {"schema": SCHEMA, "entries": [*history, entry]})
+    layout.write_json_atomic(root.history_file, {"schema": layout.SCHEMA, "entries": [*history, entry]})
     return {"changed": True, "previous": before, "number": number}
 
 
@@ -340,13 +312,13 @@ def mark(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
         if check:
             return {"changed": True}
         raise GenerationError(f"{gen_dir} does not exist: nothing to mark")
-    doc = {"schema": SCHEMA, "verdict": verdict, "reason": params.get("reason"), "detail": params.get("detail")}
+    doc = {"schema": layout.SCHEMA, "verdict": verdict, "reason": params.get("reason"), "detail": params.get("detail")}
     path = os.path.join(gen_dir, f"{verdict}.json")
     other = os.path.join(gen_dir, "verified.json" if verdict == "failed" else "failed.json")
     mode = VERDICT_MODES[verdict]
-    changed = read_json(path) != doc or os.path.exists(other) or os.stat(path).st_mode & 0o7777 != mode
+    changed = layout.read_json(path) != doc or os.path.exists(other) or os.stat(path).st_mode & 0o7777 != mode
     if changed and not check:
-        write_json_atomic(path, doc, mode)
+        layout.write_json_atomic(path, doc, mode)
         if os.path.exists(other):  # a generation that passed after a failure (or the reverse) has one verdict
             os.unlink(other)
     return {"changed": changed}
@@ -394,21 +366,22 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     for gid in root.on_disk():
         if gid in kept:
             continue
-        manifest = os.path.join(root.generations, gid, MANIFEST)
+        manifest = os.path.join(root.generations, gid, layout.MANIFEST)
         if newer_than_current(manifest if os.path.isfile(manifest) else os.path.join(root.generations, gid)):
             in_progress.append(gid)
     referenced: set[str] = set()
     for gid in kept + in_progress:
-        manifest = read_json(os.path.join(root.gen_dir(gid), MANIFEST))
+        manifest = layout.read_json(os.path.join(root.gen_dir(gid), layout.MANIFEST))
         if manifest is None and gid in in_progress:
             continue  # not sealed yet: the store paths it will name are newer than current too
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             # a kept generation whose needs are unknown: collect nothing rather than guess
-            raise GenerationError(f"kept generation {gid} has no readable {MANIFEST}: refusing to collect store paths")
+            raise GenerationError(f"kept generation {gid} has no readable {layout.MANIFEST}: refusing to collect store paths")
         # real paths: a root spelled /var/lib/./llmfleet (here or in an old manifest) is the same root
         referenced.update(os.path.realpath(str(e.get("path"))) for e in manifest["store_paths"] if isinstance(e, dict))
     removed_generations = [g for g in root.on_disk() if g not in kept and g not in in_progress]
-    kept_blobs = sorted({b for gid in kept + in_progress for b in plan_blobs(read_json(os.path.join(root.gen_dir(gid), PLAN)))})
+    kept_plans = [layout.read_json(os.path.join(root.gen_dir(gid), layout.PLAN)) for gid in kept + in_progress]
+    kept_blobs = sorted({b for plan in kept_plans for b in plan_blobs(plan)})
     try:
         store_entries = sorted(os.listdir(store_dir))
     except FileNotFoundError:
@@ -416,16 +389,16 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
     removed_store = [
         os.path.join(store_dir, name)
         for name in store_entries
-        if not name.endswith(PARTIAL)  # a build in progress (or interrupted: its builder removes it)
+        if not name.endswith(layout.PARTIAL)  # a build in progress (or interrupted: its builder removes it)
         and os.path.realpath(os.path.join(store_dir, name)) not in referenced
         and not newer_than_current(os.path.join(store_dir, name))
     ]
     removed_keys = _unneeded_keys(root, params.get("api_key_dir"), current, kept + in_progress)
     if not check:
         for gid in removed_generations:
-            remove_tree(os.path.join(root.generations, gid))
+            layout.remove_tree(os.path.join(root.generations, gid))
         for path in removed_store:
-            remove_tree(path)
+            layout.remove_tree(path)
         for path in removed_keys:
             os.unlink(path)
     return {
@@ -442,7 +415,7 @@ def gc(root: Root, params: dict[str, Any], check: bool) -> dict[str, Any]:
 def _unneeded_keys(root: Root, key_dir: str | None, current: str | None, kept: list[str]) -> list[str]:
     """API key files (``<key_dir>/*.env``) that no kept generation's plan names: a key goes with the
     last generation that uses it, so a rollback to any kept generation finds its keys."""
-    plans = [read_json(os.path.join(root.gen_dir(gid), PLAN)) for gid in kept]
+    plans = [layout.read_json(os.path.join(root.gen_dir(gid), layout.PLAN)) for gid in kept]
     if not key_dir:  # the key directory of the current generation's plan
         current_plan = plans[kept.index(current)] if current in kept else None
         key_dir = ((current_plan or {}).get("service") or {}).get("api_key_dir") if isinstance(current_plan, dict) else None
@@ -466,15 +439,15 @@ def decide(root: Root, params: dict[str, Any]) -> dict[str, Any]:
         if not all(inst.get(k) for k in ("name", "content_hash", "unit")):
             raise GenerationError(f"plan_instances: each needs name, content_hash and unit; got {sorted(inst)}")
     current = root.current()
-    old_plan = read_json(os.path.join(root.gen_dir(current), PLAN)) if current else None
+    old_plan = layout.read_json(os.path.join(root.gen_dir(current), layout.PLAN)) if current else None
     old = [i for i in ((old_plan or {}).get("instances") or []) if isinstance(i, dict)] if isinstance(old_plan, dict) else []
     old_hash = {str(i.get("name")): i.get("content_hash") for i in old}
-    pending = read_json(os.path.join(root.root, PENDING_RESTART), [])
+    pending = layout.read_json(os.path.join(root.root, layout.PENDING_RESTART), [])
     if not isinstance(pending, list):
-        raise GenerationError(f"{os.path.join(root.root, PENDING_RESTART)} is not a list of instance names: {str(pending)[:80]}")
+        raise GenerationError(f"{os.path.join(root.root, layout.PENDING_RESTART)} is not a list of instance names: {str(pending)[:80]}")
     also = {str(n) for n in pending} | {str(n) for n in params.get("restart_also") or []}
     restart = [str(i["name"]) for i in new if old_hash.get(str(i["name"])) != i["content_hash"] or str(i["name"]) in also]
-    prefix = str(params.get("unit_prefix") or UNIT_PREFIX)
+    prefix = str(params.get("unit_prefix") or layout.UNIT_PREFIX)
     # instances only: "<prefix><name>.service", never the template unit "<prefix>.service" itself
     known = {
         u for u in map(str, params.get("known_units") or []) if u.startswith(prefix) and u.endswith(".service") and len(u) > len(prefix) + 8
@@ -523,7 +496,7 @@ def main() -> None:
             "plan_instances": {"type": "list", "elements": "dict"},
             "restart_also": {"type": "list", "elements": "str", "default": []},
             "known_units": {"type": "list", "elements": "str", "default": []},
-            "unit_prefix": {"type": "str", "default": UNIT_PREFIX},
+            "unit_prefix": {"type": "str", "default": layout.UNIT_PREFIX},
         },
         supports_check_mode=True,
     )

@@ -71,7 +71,7 @@ def switch(host: Path, gid: str, reason: str = "rollout") -> dict[str, Any]:
 def test_seal_hashes_every_file_and_store_marker(host: Path) -> None:
     manifest = json.loads((host / "generations" / A / "manifest.json").read_text())
     assert set(manifest["files"]) == {"plan.json", "units/llmfleet-vllm@.service", "instances/tiny/env"}
-    assert manifest["files"]["instances/tiny/env"] == gen.sha256_file(str(host / "generations" / A / "instances/tiny/env"))
+    assert manifest["files"]["instances/tiny/env"] == gen.layout.sha256_file(str(host / "generations" / A / "instances/tiny/env"))
     assert [(e["kind"], os.path.basename(e["path"])) for e in manifest["store_paths"]] == [("model", "m1-tiny"), ("runtime", "r1-vllm")]
     # same inputs, same manifest: sealing again changes nothing
     again = gen.run(params(host, "seal", generation=A, host="h", instances={"tiny": "0" * 32},
@@ -246,7 +246,7 @@ def test_gc_takes_a_lock_and_waits_for_no_one_forever(host: Path, monkeypatch: p
     import fcntl
 
     switch(host, A)
-    monkeypatch.setitem(gen.GenerationRoot.locked.__wrapped__.__globals__, "LOCK_WAIT_S", 0.3)  # the layout's owner reads it
+    monkeypatch.setitem(gen.Root.locked.__wrapped__.__globals__, "LOCK_WAIT_S", 0.3)  # the layout's owner reads it
     with open(host / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another gc (or a switch) is running
         with pytest.raises(gen.GenerationError, match=r"another llmfleet_generation action holds .*\.lock"):
