@@ -404,9 +404,9 @@ def fleet(scratch: Path) -> Generator[Run, None, None]:
         upstream.terminate()
         upstream.wait(timeout=30)
         wan.close()
-        down = lab("down")
+        down = lab("destroy")  # the fleet's machine roots too: the next session boots fresh ones
         if down.returncode != 0:
-            print(f"tools/lab.py down failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
+            print(f"tools/lab.py destroy failed:\n{down.stdout}\n{down.stderr}", file=sys.stderr)
 
 
 def sites() -> Sites:

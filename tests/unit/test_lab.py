@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import ipaddress
 import os
 import shutil
@@ -14,6 +16,7 @@ from llmfleet_lab.cli import ExitCode
 from llmfleet_lab.config import Host
 from llmfleet_lab.rootfs import RootfsSpec
 from llmfleet_lab.system import LabError
+from rich.console import Console
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -450,3 +453,24 @@ def test_up_says_what_it_waits_for(capsys: pytest.CaptureFixture[str], tmp_path:
     assert lines.index("lab1, lab2: booting, waiting for ssh (at most 90 s)…") < lines.index(
         "lab1: started (pid 4242, 10.213.0.11), ssh ready after 0 s"
     )
+
+
+def test_destroy_removes_the_machine_roots_of_its_inventory_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scenario's destroy gives its disk back without touching the README lab's hosts."""
+    paths = config.LabPaths(repo=tmp_path / "repo", cache=tmp_path / "cache")
+    paths.run.mkdir(parents=True)
+    small, scenario = tmp_path / "lab.yml", tmp_path / "scenario.yml"
+    small.write_text("lab:\n  hosts:\n    lab1: {ansible_host: 10.213.0.11}\n")
+    scenario.write_text("lab:\n  hosts:\n    mlab1: {ansible_host: 10.213.9.11}\n")
+    config.record_host(paths, Host("gone", ip("10.213.9.12")), scenario)  # booted by it, dropped from it since
+    paths.pidfile("gone").write_text("1\n")
+    for name in ("lab1", "mlab1", "gone"):
+        (paths.machine(name) / "etc").mkdir(parents=True)
+    downs: list[Path] = []
+    monkeypatch.setattr(cli, "cmd_down", lambda args, p, console: downs.append(args.inventory) or cli.ExitCode.OK)
+    args = argparse.Namespace(inventory=scenario)
+    assert cli.cmd_destroy(args, paths, Console(file=io.StringIO())) == cli.ExitCode.OK
+    assert downs == [scenario]
+    assert sorted(p.name for p in paths.machines.iterdir()) == ["lab1"]
+    assert cli.cmd_destroy(argparse.Namespace(inventory=small), paths, Console(file=io.StringIO())) == cli.ExitCode.OK
+    assert not paths.machines.exists()

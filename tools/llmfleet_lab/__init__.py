@@ -4,7 +4,8 @@
 inventory group `lab`, wires each host into its own network namespace `llmf-<host>` with a veth on
 the bridge of its segment (`llmf<N>` for 10.213.<N>.0/24, the control node at .1, NAT to the default
 route; a site's hosts share a segment) and boots it with a real systemd. `down` stops the hosts and
-removes exactly what `up` created; `status` reports; `destroy` is `down` plus removing the machine roots.
+removes exactly what `up` created; `status` reports; `destroy` is `down` plus removing the machine roots
+of the inventory's hosts (the hosts of another inventory keep theirs).
 
 Everything the lab creates is recognisable as its own: machine roots under `<lab>/machines` (`<lab>`
 is `$LLMFLEET_LAB_DIR`, else `<repo>/.lab`), network namespaces `llmf-<host>`, veths `lfv-<host>`,

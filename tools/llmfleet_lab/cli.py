@@ -140,11 +140,17 @@ def _down_host(name: str, paths: LabPaths, console: Console) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace, paths: LabPaths, console: Console) -> ExitCode:
+    """down, then remove the machine roots of this inventory's hosts (another inventory's stay)."""
+    names = known_host_names(args.inventory, paths)  # before down forgets which hosts it booted
     cmd_down(args, paths, console)
     with locked(paths.lab / "lock", "tools/lab.py command"):
-        if paths.machines.exists():
-            remove_tree(paths.machines)
-            console.print(f"lab: removed {paths.machines}")
+        for name in names:
+            root = paths.machine(name)
+            if root.exists():
+                remove_tree(root)
+                console.print(f"{name}: removed {root}")
+        if paths.machines.is_dir() and not any(paths.machines.iterdir()):
+            paths.machines.rmdir()
     return ExitCode.OK
 
 
@@ -200,7 +206,7 @@ def build_parser(paths: LabPaths) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--check", action="store_true", help="exit 3 (naming the command that starts them) unless every host runs with ssh")
     status.set_defaults(func=cmd_status)
-    destroy = sub.add_parser("destroy", parents=[common], help="down, then remove .lab/machines")
+    destroy = sub.add_parser("destroy", parents=[common], help="down, then remove the machine roots of the inventory's hosts")
     destroy.set_defaults(func=cmd_destroy)
     return parser
 
