@@ -16,7 +16,8 @@ import pytest
 from llmfleet.inventory import load_inventory
 from llmfleet.pins import load_lock
 from llmfleet.plan import evaluate_fleet
-from llmfleet.plan_schema import Plan, argument_options, generated_files, json_schema_text, problems, render_argument_specs
+from llmfleet.plan_schema import Plan, json_schema_text, problems
+from llmfleet.plan_schema_gen import argument_options, generated_files, render_argument_specs
 from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]

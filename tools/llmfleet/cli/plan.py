@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json_schema_text())
         return ExitCode.OK
     if args.write_schema:
-        from ..plan_schema import write_generated
+        from ..plan_schema_gen import write_generated
 
         repo = Path(__file__).resolve().parents[3]
         written = write_generated(repo)
