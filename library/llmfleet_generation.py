@@ -500,13 +500,7 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    try:
-        result = run(dict(module.params), module.check_mode)
-    except GenerationError as exc:
-        module.fail_json(msg=str(exc))
-    except OSError as exc:
-        module.fail_json(msg=f"{exc.filename or module.params['root']}: {exc.strerror or exc}")
-    module.exit_json(**result)
+    layout.exit_module(module, lambda: run(dict(module.params), module.check_mode), module.params["root"])
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ from typing import Any  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 try:  # the host-state layout has one owner: module_utils/llmfleet_store.py
-    from ansible.module_utils.llmfleet_store import GenerationRoot, StoreError
+    from ansible.module_utils.llmfleet_store import GenerationRoot, exit_module
 except ImportError:  # imported by the unit tests beside a checkout: module_utils/ is a sibling of library/
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
-    from llmfleet_store import GenerationRoot, StoreError  # type: ignore[no-redef]
+    from llmfleet_store import GenerationRoot, exit_module  # type: ignore[no-redef]
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
@@ -86,13 +86,7 @@ def main() -> None:
         argument_spec={"root": {"type": "path", "default": "/var/lib/llmfleet"}, "to": {"type": "str"}},
         supports_check_mode=True,
     )
-    try:
-        result = run(dict(module.params))
-    except StoreError as exc:
-        module.fail_json(msg=str(exc))
-    except OSError as exc:
-        module.fail_json(msg=f"{exc.filename or module.params['root']}: {exc.strerror or exc}")
-    module.exit_json(**result)
+    exit_module(module, lambda: run(dict(module.params)), module.params["root"])
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ from ansible.module_utils.llmfleet_store import (  # noqa: E402
     StoreError,
     add_pending_restarts,
     check_path,
+    exit_module,
     read_record,
     replace,
     seed,
@@ -184,13 +185,8 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    try:
-        result = ACTIONS[module.params["action"]](dict(module.params), module.check_mode)
-    except StoreError as exc:
-        module.fail_json(msg=str(exc))
-    except OSError as exc:
-        module.fail_json(msg=f"{exc.filename or module.params.get('path') or 'store'}: {exc.strerror or exc}")
-    module.exit_json(**result)
+    exit_module(module, lambda: ACTIONS[module.params["action"]](dict(module.params), module.check_mode),
+                module.params.get("path") or "store")
 
 
 if __name__ == "__main__":

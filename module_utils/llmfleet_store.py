@@ -38,7 +38,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # --- the host-state layout: the one place its names are written (library/llmfleet_generation.py,
@@ -78,6 +78,18 @@ _RENAME_EXCHANGE = 2
 
 class StoreError(Exception):
     """A refusal with a message that names what is wrong."""
+
+
+def exit_module(module: Any, work: Callable[[], dict[str, Any]], where: str) -> None:
+    """End an Ansible module with what ``work`` returns; a StoreError or an OSError fails it in one line
+    (an OSError without a file name is placed at ``where``)."""
+    try:
+        result = work()
+    except StoreError as exc:
+        module.fail_json(msg=str(exc))
+    except OSError as exc:
+        module.fail_json(msg=f"{exc.filename or where}: {exc.strerror or exc}")
+    module.exit_json(**result)
 
 
 def sha256_file(path: str) -> str:
@@ -269,9 +281,10 @@ def unit_name(instance: str) -> str:
 
 
 def current_generation(root: str) -> str | None:
+    """The generation ``current`` points at; None when there is none or it cannot be read (the checks go on)."""
     try:
-        return os.path.basename(os.path.normpath(os.readlink(os.path.join(root, CURRENT))))
-    except OSError:
+        return GenerationRoot(root).current()
+    except StoreError:
         return None
 
 
@@ -288,7 +301,7 @@ def paths_of_root(root: str) -> list[dict[str, Any]]:
         manifest = read_json(os.path.join(gens_dir, gid, MANIFEST))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("store_paths"), list):
             continue  # not sealed: it uses nothing yet
-        plan = read_json(os.path.join(gens_dir, gid, "plan.json"))
+        plan = read_json(os.path.join(gens_dir, gid, PLAN))
         models = plan.get("models") if isinstance(plan, dict) and isinstance(plan.get("models"), dict) else {}
         pinned = {m.get("store_path"): m.get("files") for m in models.values() if isinstance(m, dict)}
         for e in manifest["store_paths"]:
